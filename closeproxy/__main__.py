@@ -1,0 +1,5 @@
+"""`python -m closeproxy`."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,214 @@
+"""The `closeproxy` command: parses arguments, builds Settings, calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .app import client_session, oauth_client
+from .config import OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
+from .errors import CloseProxyError, ConfigError
+from .logs import setup_logging
+from .server import Listening, serve
+from .store import TokenStore
+from .tokens import TokenProvider, status_document
+
+_CLIENT = ("client_id", "client_secret", "api_url", "token_file")
+_LOGGING = ("log_level", "log_format")
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "serve": tuple(o.name for o in OPTIONS if o.name != "login_timeout"),
+    "status": ("token_file",),
+    "refresh": (*_CLIENT, *_LOGGING),
+    "token": (*_CLIENT, "refresh_margin", *_LOGGING),
+}
+
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _print_ready(where: Listening) -> None:
+    print(f"listening on {where.url}", flush=True)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    settings.check_serve()
+    setup_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings, on_ready=_print_ready))
+    return 0
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "expired"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    store = TokenStore(settings.token_file)
+    doc = status_document(store.load(), store)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if doc["logged_in"] else 1
+    lines = ["logged in to Close" if doc["logged_in"] else "not logged in"]
+    rows = [
+        ("organization", doc.get("organization_id")),
+        ("user", doc.get("user_id")),
+        ("scope", doc.get("scope")),
+        ("API", doc.get("api_url")),
+    ]
+    if "expires_in" in doc:
+        rows.append(
+            (
+                "access token",
+                f"{_format_duration(doc['expires_in'])} left (expires {doc['expires_at']})",
+            )
+        )
+        rows.append(("refreshable", "yes" if doc["can_refresh"] else "no"))
+    rows.append(("token file", doc["token_file"]))
+    lines += [f"  {name:<13} {value}" for name, value in rows if value is not None]
+    if doc.get("problem"):
+        lines.append(f"  {doc['problem']}")
+    print("\n".join(lines))
+    return 0 if doc["logged_in"] else 1
+
+
+@contextlib.asynccontextmanager
+async def _provider(settings: Settings) -> AsyncIterator[TokenProvider]:
+    settings.require_client()
+    async with client_session() as session:
+        provider = TokenProvider(
+            TokenStore(settings.token_file),
+            oauth_client(settings, session),
+            margin=settings.refresh_margin,
+            api_url=str(settings.api_url),
+        )
+        try:
+            yield provider
+        finally:
+            await provider.aclose()
+
+
+def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _provider(settings) as provider:
+            tokens = await provider.refresh(rejected=None)
+        print(
+            f"refreshed: the new access token expires in "
+            f"{_format_duration(tokens.expires_in())}; saved to {settings.token_file}"
+        )
+        return 0
+
+    setup_logging(settings.log_level, settings.log_format)
+    return asyncio.run(run())
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _provider(settings) as provider:
+            tokens = await provider.current(wait_for_refresh=True)
+        print(tokens.access_token)
+        return 0
+
+    setup_logging(settings.log_level, settings.log_format)
+    return asyncio.run(run())
+
+
+COMMANDS: dict[str, tuple[Command, str, str]] = {
+    "serve": (
+        cmd_serve,
+        "run the proxy until SIGINT/SIGTERM",
+        "Run the proxy: forwards /api/v1/* to Close with a current OAuth token. Prints "
+        "`listening on http://HOST:PORT` once ready; SIGINT/SIGTERM drain in-flight "
+        "requests and exit 0.",
+    ),
+    "status": (
+        cmd_status,
+        "show who is logged in (never a secret)",
+        "Show whether a grant is stored, for which organization and user, and when the "
+        "access token expires. Exits 0 when logged in, 1 when not.",
+    ),
+    "refresh": (
+        cmd_refresh,
+        "refresh the access token now",
+        "Refresh the access token now. Safe while servers run: it takes the same lock.",
+    ),
+    "token": (
+        cmd_token,
+        "print a currently valid access token",
+        "Print a currently valid access token on stdout, refreshing first if it is "
+        "inside the refresh margin. For tools that take a bearer token.",
+    ),
+}
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str) -> None:
+    option = OPTIONS_BY_NAME[name]
+    parser.add_argument(
+        option.flag,
+        dest=option.name,
+        metavar=option.metavar,
+        action="append" if option.repeatable else "store",
+        default=None,
+        help=f"{option.help} [env {option.env}]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="closeproxy",
+        description="A local reverse proxy for the Close API that holds the OAuth 2.0 token "
+        "for you: point any tool at http://127.0.0.1:8730/api/v1/.",
+        epilog="Settings come from flags, then CLOSEPROXY_* environment variables, then the "
+        "config file, then defaults. `closeproxy COMMAND --help` lists a command's settings.",
+    )
+    parser.add_argument("--version", action="version", version=f"closeproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary, description) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=description)
+        sub.add_argument(
+            "--config",
+            metavar="PATH",
+            default=None,
+            help="TOML config file (default: config.toml in the user config directory) "
+            "[env CLOSEPROXY_CONFIG]",
+        )
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print a JSON document")
+        for option_name in COMMAND_OPTIONS[name]:
+            _add_option(sub, option_name)
+    return parser
+
+
+def _flags(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in COMMAND_OPTIONS[command]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = COMMANDS[args.command][0]
+    try:
+        settings = load_settings(_flags(args, args.command), config_file=args.config)
+        return func(settings, args)
+    except ConfigError as exc:
+        print(f"closeproxy {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except CloseProxyError as exc:
+        print(f"closeproxy {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"closeproxy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Who may talk to the proxy, and with what: request target, method, Host, Origin, key.
+
+Whatever reaches the proxy acts as the user in Close, so every request passes here
+before any route runs. Each refusal is a JSON error that says what to change.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from .config import LOOPBACK_NAMES, Secret
+from .responses import error_response
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REFUSED_METHODS: frozenset[str] = frozenset({"CONNECT", "TRACE", "TRACK"})
+# Paths a browser reaches by navigation, where no key or Origin check can apply: the
+# OAuth callback is protected by its single-use state instead.
+CALLBACK_PATH = "/admin/callback"
+KEYLESS_PATHS: frozenset[str] = frozenset({"/healthz", CALLBACK_PATH})
+CROSS_SITE: frozenset[str] = frozenset({"cross-site", "same-site"})
+# Visible ASCII only, and every % starts a valid escape.
+_TARGET_OK = re.compile(r"(?:[!-$&-\[\]-~]|%[0-9A-Fa-f]{2})*")
+_HOST_RE = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?")
+_DECODE_ROUNDS = 3
+
+
+def check_target(raw_target: str) -> str | None:
+    """Why this request target must not be served, or None when it is fine."""
+    if not raw_target.startswith("/"):
+        return (
+            "only origin-form request targets like /api/v1/me/ are accepted; "
+            "this is a reverse proxy, not a forward proxy"
+        )
+    if not _TARGET_OK.fullmatch(raw_target):
+        return (
+            "the request target has spaces, control or non-ASCII characters, backslashes or a "
+            "stray %: percent-encode them"
+        )
+    path = raw_target.partition("?")[0]
+    # Decode a few times so double-encoded dots (%252e) cannot smuggle a `..` either.
+    for _ in range(_DECODE_ROUNDS):
+        if any(segment in {".", ".."} for segment in path.split("/")):
+            return "the path contains . or .. segments: send the normalized path"
+        if "\\" in path or "\x00" in path:
+            return "the path contains a backslash or NUL: remove it"
+        decoded = unquote(path, errors="replace") if "%" in path else path
+        if decoded == path:
+            return None
+        path = decoded
+    return "the path is percent-encoded too many times: send it encoded once"
+
+
+def host_name(host_header: str) -> str | None:
+    """The lower-case host name of a Host header, or None when it is malformed."""
+    match = _HOST_RE.fullmatch(host_header.strip())
+    if match is None:
+        return None
+    return match.group("name").lower()
+
+
+def _presented_key(authorization: str) -> str | None:
+    scheme, _, credentials = authorization.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        return credentials
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        # Close API-key tools send KEY: (user name, empty password).
+        return decoded.partition(":")[0]
+    return None
+
+
+class Guard:
+    """The middleware that refuses what the proxy must not serve."""
+
+    def __init__(self, *, allowed_hosts: tuple[str, ...], proxy_key: Secret | None) -> None:
+        self.allowed_hosts: frozenset[str] = LOOPBACK_NAMES | frozenset(allowed_hosts)
+        self._key = proxy_key.reveal().encode() if proxy_key is not None else None
+
+    def __repr__(self) -> str:
+        key = "[secure]" if self._key else None
+        return f"Guard(allowed_hosts={sorted(self.allowed_hosts)!r}, proxy_key={key})"
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = self.check(request)
+        if refusal is not None:
+            return refusal
+        return await handler(request)
+
+    def check(self, request: web.Request) -> web.StreamResponse | None:
+        """The refusal for this request, or None to let it through."""
+        problem = check_target(request.raw_path)
+        if problem is not None:
+            return error_response(400, "bad_path", problem)
+        method = request.method
+        if method in REFUSED_METHODS:
+            return error_response(
+                405, "method_not_allowed", f"{method} is not supported by closeproxy"
+            )
+        headers = request.headers
+        if "Upgrade" in headers:
+            return error_response(
+                400,
+                "upgrade_not_supported",
+                "protocol upgrades (WebSocket, h2c) are not supported: use plain HTTP/1.1",
+            )
+        hosts = headers.getall("Host", ())
+        name = host_name(hosts[0]) if len(hosts) == 1 else None
+        if name is None or name not in self.allowed_hosts:
+            return error_response(
+                403,
+                "forbidden_origin",
+                "this Host name is not allowed (DNS rebinding protection): connect to "
+                "127.0.0.1 or localhost, or add the name with --allow-host",
+            )
+        path = request.raw_path.partition("?")[0]
+        if not (path == CALLBACK_PATH and method == "GET") and self._cross_site(request):
+            return error_response(
+                403,
+                "forbidden_origin",
+                "cross-site browser requests are refused: a web page may not use your "
+                "Close account through this proxy",
+            )
+        if self._key is not None and path not in KEYLESS_PATHS and not self._key_ok(request):
+            return error_response(
+                401,
+                "proxy_key_required",
+                "this proxy needs its key: send it as the API key (Basic user name) or as "
+                "Authorization: Bearer KEY",
+                headers={"WWW-Authenticate": 'Basic realm="closeproxy", charset="UTF-8"'},
+            )
+        return None
+
+    def _cross_site(self, request: web.Request) -> bool:
+        headers = request.headers
+        if headers.get("Sec-Fetch-Site", "").strip().lower() in CROSS_SITE:
+            return True
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+            return True
+        origins = headers.getall("Origin", ())
+        if not origins:
+            return False
+        own = f"http://{headers.get('Host', '')}".lower()
+        return len(origins) > 1 or origins[0].strip().lower() != own
+
+    def _key_ok(self, request: web.Request) -> bool:
+        assert self._key is not None
+        values = request.headers.getall("Authorization", ())
+        if len(values) != 1:
+            return False
+        presented = _presented_key(values[0])
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode(), self._key)

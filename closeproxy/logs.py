@@ -1,0 +1,151 @@
+"""Logging that never blocks the event loop and never prints a secret.
+
+Records go through a queue to a writer thread (stderr can be a slow pipe). The
+formatter there replaces every registered secret, and anything shaped like a bearer
+credential, with [secure]: a defence in depth behind never logging them at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import logging.handlers
+import queue
+import re
+import sys
+import threading
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+REDACTED = "[secure]"
+_MAX_SECRETS = 64
+_secrets: deque[str] = deque(maxlen=_MAX_SECRETS)
+_secrets_lock = threading.Lock()
+# Credentials in the shapes they travel in, even ones this process never registered.
+_SHAPES = re.compile(
+    r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"
+    r"|((?:access_token|refresh_token|client_secret|code_verifier|token)[\"']?\s*[:=]\s*[\"']?)"
+    r"[^\s\"'&,}]{4,}"
+)
+_EXTRA_FIELDS: tuple[str, ...] = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "duration_ms",
+    "remote",
+)
+
+
+def register_secret(value: str | None) -> None:
+    """Make sure `value` is never written by any log handler of this process."""
+    if not value or len(value) < 4:
+        return
+    with _secrets_lock:
+        if value not in _secrets:
+            _secrets.append(value)
+
+
+def redact(text: str) -> str:
+    with _secrets_lock:
+        known = tuple(_secrets)
+    for secret in known:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _SHAPES.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, with the request fields as their own keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in _EXTRA_FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                doc[field] = value
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(doc, ensure_ascii=False))
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Route the closeproxy and aiohttp loggers through one queue to `stream`."""
+    global _listener
+    stop_logging()
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, writer, respect_handler_level=False)
+    _listener.start()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(records))
+    numeric = getattr(logging, level.upper())
+    logging.getLogger("closeproxy").setLevel(numeric)
+    # aiohttp's own chatter is only interesting when debugging; its errors always are.
+    logging.getLogger("aiohttp").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    root.setLevel(numeric)
+    atexit.register(stop_logging)
+
+
+def stop_logging() -> None:
+    """Flush what is queued; called at exit."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line a request: who, what, how it ended, how long it took."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = request.raw_path
+        self.logger.info(
+            '%s "%s %s" %d %d %.1fms rid=%s',
+            request.remote,
+            request.method,
+            path,
+            response.status,
+            response.body_length,
+            time * 1000,
+            request.get("request_id", "-"),
+            extra={
+                "request_id": request.get("request_id"),
+                "method": request.method,
+                "path": path,
+                "status": response.status,
+                "bytes": response.body_length,
+                "duration_ms": round(time * 1000, 1),
+                "remote": request.remote,
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,287 @@
+"""The forwarding handler: client request in, token on, both bodies streamed.
+
+    handle -> _send_with_auth (token, one refresh + replay on 401) -> _send_once -> _relay
+
+Method, path and query go upstream byte for byte; hop-by-hop headers are dropped both
+ways (RFC 9110 §7.6.1); bodies are never decompressed or collected whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .errors import ServiceError
+from .responses import error_response, service_error_response
+from .tokens import TokenProvider
+
+log = logging.getLogger("closeproxy.proxy")
+
+API_PREFIX: Final = "/api/v1/"
+# Bodies up to this size are kept so that the request can be replayed after a refresh.
+REPLAY_LIMIT: Final = 1024 * 1024
+READ_CHUNK: Final = 256 * 1024
+
+# RFC 9110 §7.6.1 plus the de-facto ones; each message's Connection header adds more.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: credentials of the client, framing aiohttp redoes, and
+# client-asserted forwarding information nobody should trust.
+REQUEST_DROP: frozenset[str] = HOP_BY_HOP | frozenset(
+    {
+        "authorization",
+        "cookie",
+        "host",
+        "expect",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+    }
+)
+# Never relayed back: Close's cookies belong to no client of the proxy.
+RESPONSE_DROP: frozenset[str] = HOP_BY_HOP | frozenset({"set-cookie", "set-cookie2"})
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(","))
+    named.discard("")
+    return frozenset(named)
+
+
+def request_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict[str]:
+    """The client's headers minus what must not travel, plus exactly one Authorization."""
+    drop = REQUEST_DROP | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in incoming.items() if name.lower() not in drop
+    )
+    out["Authorization"] = f"Bearer {token}"
+    return out
+
+
+@dataclass
+class ForwardCounters:
+    """What the forwarder has seen, for /admin/status."""
+
+    requests: int = 0
+    replays: int = 0
+    upstream_errors: int = 0
+
+
+class UpstreamFailed(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class RequestBody:
+    """The client's body: kept in memory when small enough to replay, else streamed once."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.buffered: bytes | None = None
+        self._prefix = b""
+        self._streamed = False
+
+    @classmethod
+    async def read(cls, request: web.Request) -> RequestBody:
+        body = cls(request)
+        if not request.body_exists:
+            body.buffered = b""
+            return body
+        length = request.content_length
+        if length is not None and length > REPLAY_LIMIT:
+            return body
+        # Unknown (chunked) or small: read up to the limit; EOF before it means replayable.
+        chunks: list[bytes] = []
+        size = 0
+        content = request.content
+        while size <= REPLAY_LIMIT:
+            chunk = await content.readany()
+            if not chunk:
+                body.buffered = b"".join(chunks)
+                return body
+            chunks.append(chunk)
+            size += len(chunk)
+        body._prefix = b"".join(chunks)
+        return body
+
+    @property
+    def replayable(self) -> bool:
+        return self.buffered is not None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if self.buffered is not None:
+            return self.buffered if self.buffered or self._request.body_exists else None
+        if self._streamed:
+            raise RuntimeError("a streamed request body can be sent only once")
+        self._streamed = True
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        if self._prefix:
+            yield self._prefix
+            self._prefix = b""
+        content = self._request.content
+        while chunk := await content.readany():
+            yield chunk
+
+
+class Forwarder:
+    """Forwards /api/v1/ requests to the API base through one pooled session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        provider: TokenProvider,
+        *,
+        api_url: URL,
+        upstream_timeout: float,
+    ) -> None:
+        self._session = session
+        self._provider = provider
+        self._base = str(api_url)  # no trailing slash; the raw target is appended as is
+        self._api_prefix = self._base + API_PREFIX
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=upstream_timeout, sock_read=upstream_timeout
+        )
+        self._upstream_timeout = upstream_timeout
+        self.counters = ForwardCounters()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.counters.requests += 1
+        try:
+            upstream = await self._send_with_auth(request)
+        except ServiceError as exc:
+            return service_error_response(exc)
+        except UpstreamFailed as exc:
+            self.counters.upstream_errors += 1
+            return error_response(exc.status, exc.code, str(exc))
+        try:
+            return await self._relay(request, upstream)
+        finally:
+            upstream.release()
+
+    async def _send_with_auth(self, request: web.Request) -> aiohttp.ClientResponse:
+        body = await RequestBody.read(request)
+        tokens = await self._provider.current()
+        upstream = await self._send_once(request, body, tokens.access_token)
+        if upstream.status != 401 or not body.replayable:
+            return upstream
+        token = tokens.access_token
+        if not self._provider.should_refresh_on_401(token):
+            return upstream
+        upstream.release()
+        log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
+        fresh = await self._provider.refresh(rejected=token)
+        self.counters.replays += 1
+        replayed = await self._send_once(request, body, fresh.access_token)
+        if replayed.status == 401:
+            self._provider.note_replay_rejected(fresh.access_token)
+        return replayed
+
+    async def _send_once(
+        self, request: web.Request, body: RequestBody, token: str
+    ) -> aiohttp.ClientResponse:
+        url = URL(self._base + request.raw_path, encoded=True)
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=request_headers(request.headers, token),
+                data=body.payload(),
+                allow_redirects=False,
+                timeout=self._timeout,
+            )
+        except TimeoutError:
+            raise UpstreamFailed(
+                504,
+                "upstream_timeout",
+                f"Close did not answer within {self._upstream_timeout:g} s: try again, or "
+                "raise --upstream-timeout for slow calls",
+            ) from None
+        except aiohttp.ClientError as exc:
+            if request.transport is None or request.transport.is_closing():
+                # The client went away mid-upload; the answer is for the log only.
+                raise UpstreamFailed(
+                    400, "client_disconnected", "the client closed the connection mid-request"
+                ) from None
+            raise UpstreamFailed(
+                502,
+                "upstream_unreachable",
+                f"cannot reach Close at {self._base} ({_reason(exc)}): check the network "
+                "and the --api-url setting",
+            ) from None
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=self._response_headers(request, upstream.headers),
+        )
+        await out.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The head is gone already: cut the connection so the client sees a
+            # truncated body instead of a short one that looks complete.
+            self.counters.upstream_errors += 1
+            log.warning("upstream body failed after %d bytes: %s", out.body_length, _reason(exc))
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        await out.write_eof()
+        return out
+
+    def _response_headers(
+        self, request: web.Request, incoming: CIMultiDictProxy[str]
+    ) -> CIMultiDict[str]:
+        drop = RESPONSE_DROP | _connection_tokens(incoming)
+        out: CIMultiDict[str] = CIMultiDict(
+            (name, value) for name, value in incoming.items() if name.lower() not in drop
+        )
+        location = out.get("Location")
+        if location is not None and location.startswith(self._api_prefix):
+            # Keep the client on the proxy: the token must only ever go to the API base.
+            out["Location"] = f"{request.scheme}://{request.host}{location[len(self._base) :]}"
+        return out
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return type(exc).__name__

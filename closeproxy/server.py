@@ -1,0 +1,154 @@
+"""Running the proxy: bind, say where, serve until told to stop, drain, close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Settings
+from .errors import ConfigError
+from .logs import AccessLogger
+from .oauth import DEFAULT_BACKOFF
+
+log = logging.getLogger("closeproxy.server")
+
+# Bounded so a stuck client cannot hold shutdown (and a token write) forever.
+DRAIN_SECONDS = 30.0
+MAX_REQUEST_LINE = 16 * 1024
+MAX_HEADER_FIELD = 16 * 1024
+MAX_HEADERS = 100
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Where a started proxy can be reached."""
+
+    url: str  # http://HOST:PORT, or unix:PATH
+    port: int | None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, *, oauth_backoff: Sequence[float] = DEFAULT_BACKOFF
+) -> AsyncIterator[Listening]:
+    """The proxy, started and listening, for as long as the block runs."""
+    settings.check_serve()
+    app = create_app(settings, oauth_backoff=oauth_backoff)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("closeproxy.access"),
+        shutdown_timeout=DRAIN_SECONDS,
+        handle_signals=False,
+        # A client gets this long to send a request head; idle keep-alive ends then too.
+        keepalive_timeout=settings.header_timeout,
+        max_line_size=MAX_REQUEST_LINE,
+        max_field_size=MAX_HEADER_FIELD,
+        max_headers=MAX_HEADERS,
+    )
+    await runner.setup()
+    try:
+        site: web.BaseSite
+        if settings.unix_socket is not None:
+            site = web.UnixSite(runner, str(settings.unix_socket))
+            await _start_private_socket(site, str(settings.unix_socket))
+            where = Listening(f"unix:{settings.unix_socket}", None)
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {settings.host}:{settings.port} "
+                    f"({exc.strerror or exc}): pick another port with --port (0 picks a free one)",
+                    setting="port",
+                ) from None
+            port = _bound_port(runner.addresses, settings.port)
+            where = Listening(f"http://{_url_host(settings.host)}:{port}", port)
+        yield where
+    finally:
+        await runner.cleanup()
+
+
+async def _start_private_socket(site: web.BaseSite, path: str) -> None:
+    _remove_stale_socket(path)
+    # Created 0600 from the start (umask), not chmod-ed after: no window where another
+    # local user could connect.
+    old = os.umask(0o177)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on unix socket {path} ({exc.strerror or exc}): choose another "
+            "path with --unix-socket",
+            setting="unix_socket",
+        ) from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a process that died; refuse to touch anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(
+            f"{path} exists and is not a socket: choose another path with --unix-socket",
+            setting="unix_socket",
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise ConfigError(
+        f"unix socket {path} is in use by another process: stop it or choose another path",
+        setting="unix_socket",
+    )
+
+
+def _bound_port(addresses: list[object], wanted: int) -> int:
+    for address in addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return wanted
+
+
+async def serve(
+    settings: Settings,
+    *,
+    on_ready: Callable[[Listening], None],
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or `stop`), then drain in-flight requests."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with running(settings) as where:
+            on_ready(where)
+            log.info("proxy for %s listening on %s", settings.api_url, where.url)
+            await stop.wait()
+            log.info("stopping: draining in-flight requests (at most %.0f s)", DRAIN_SECONDS)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,300 @@
+"""TokenStore: the token file on disk, written atomically, shared through a lock file.
+
+The file is the single source of truth between processes. Close rotates refresh
+tokens, so a refresh token that reached Close but not the disk is a forced re-login:
+every write is temp file + fsync + rename + fsync of the directory, and refreshes happen
+only while holding the lock file beside the token file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .errors import TokenStoreError
+
+FILE_VERSION = 1
+LOCK_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """One grant as stored: the tokens, who they belong to and when they expire."""
+
+    access_token: str
+    refresh_token: str | None
+    expires_at: float  # seconds since the epoch, computed from the local receipt time
+    obtained_at: float
+    scope: str = ""
+    organization_id: str = ""
+    user_id: str = ""
+    token_type: str = "Bearer"  # noqa: S105 - a scheme name, not a password
+    api_url: str = ""
+    # Set when Close answered invalid_grant: the grant is dead, nobody may try it again.
+    refresh_rejected: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenSet(access_token='[secure]', refresh_token="
+            f"{'[secure]' if self.refresh_token else None!r}, expires_at={self.expires_at!r}, "
+            f"organization_id={self.organization_id!r}, user_id={self.user_id!r}, "
+            f"refresh_rejected={self.refresh_rejected!r})"
+        )
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.obtained_at
+
+    def expires_in(self, now: float | None = None) -> float:
+        return self.expires_at - (time.time() if now is None else now)
+
+    def rejected(self, reason: str) -> TokenSet:
+        return replace(self, refresh_rejected=reason)
+
+    @classmethod
+    def from_reply(
+        cls,
+        reply: Mapping[str, Any],
+        *,
+        received_at: float,
+        api_url: str,
+        previous: TokenSet | None = None,
+    ) -> TokenSet:
+        """Build from a token endpoint reply already checked by oauth.parse_token_reply."""
+        expires_in = float(reply.get("expires_in") or 3600)
+        refresh = reply.get("refresh_token")
+        # A reply without a new refresh token leaves the old one in force (RFC 6749 §6).
+        if not refresh and previous is not None:
+            refresh = previous.refresh_token
+        return cls(
+            access_token=str(reply["access_token"]),
+            refresh_token=str(refresh) if refresh else None,
+            expires_at=received_at + expires_in,
+            obtained_at=received_at,
+            scope=str(reply.get("scope") or (previous.scope if previous else "")),
+            organization_id=str(
+                reply.get("organization_id") or (previous.organization_id if previous else "")
+            ),
+            user_id=str(reply.get("user_id") or (previous.user_id if previous else "")),
+            token_type=str(reply.get("token_type") or "Bearer"),
+            api_url=api_url,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FILE_VERSION,
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+            "token_type": self.token_type,
+            "scope": self.scope,
+            "organization_id": self.organization_id,
+            "user_id": self.user_id,
+            "expires_at": self.expires_at,
+            "obtained_at": self.obtained_at,
+            "api_url": self.api_url,
+            "refresh_rejected": self.refresh_rejected,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> TokenSet:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("version") != FILE_VERSION:
+            raise ValueError(f"unsupported version {data.get('version')!r}")
+        access = data.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise ValueError("no access_token")
+        refresh = data.get("refresh_token")
+        if refresh is not None and not isinstance(refresh, str):
+            raise ValueError("refresh_token is not a string")
+        try:
+            expires_at = float(data["expires_at"])
+            obtained_at = float(data.get("obtained_at", expires_at))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("expires_at missing or not a number") from None
+        rejected = data.get("refresh_rejected")
+        return cls(
+            access_token=access,
+            refresh_token=refresh or None,
+            expires_at=expires_at,
+            obtained_at=obtained_at,
+            scope=str(data.get("scope") or ""),
+            organization_id=str(data.get("organization_id") or ""),
+            user_id=str(data.get("user_id") or ""),
+            token_type=str(data.get("token_type") or "Bearer"),
+            api_url=str(data.get("api_url") or ""),
+            refresh_rejected=str(rejected) if rejected else None,
+        )
+
+
+class Fingerprint(NamedTuple):
+    """Identity of one version of the token file; a rename always changes the inode."""
+
+    device: int
+    inode: int
+    mtime_ns: int
+    size: int
+
+
+class TokenStore:
+    """Load, save, clear and lock one token file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+
+    def __repr__(self) -> str:
+        return f"TokenStore({str(self.path)!r})"
+
+    # --- reading ---------------------------------------------------------------------
+
+    def fingerprint(self) -> Fingerprint | None:
+        """Cheap check for a replaced file: one stat call, no read."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TokenStoreError(self._os_message("read", exc)) from None
+        return Fingerprint(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self) -> TokenSet | None:
+        """The stored tokens, or None when there is no token file."""
+        return self.load_with_fingerprint()[0]
+
+    def load_with_fingerprint(self) -> tuple[TokenSet | None, Fingerprint | None]:
+        try:
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                raw = fh.read()
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            raise TokenStoreError(self._os_message("read", exc)) from None
+        fingerprint = Fingerprint(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        try:
+            tokens = TokenSet.from_json(json.loads(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            # Never echo the content: it may be a half-pasted token.
+            raise TokenStoreError(
+                f"token file {self.path} is not a valid closeproxy token file ({exc}): "
+                "run `closeproxy login` to replace it"
+            ) from None
+        return tokens, fingerprint
+
+    # --- writing ---------------------------------------------------------------------
+
+    def ensure_directory(self) -> None:
+        directory = self.path.parent
+        if directory.is_dir():
+            return
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        except OSError as exc:
+            raise TokenStoreError(
+                f"cannot create the token directory {directory}: {exc.strerror}; "
+                "choose another place with --token-file"
+            ) from None
+
+    def save(self, tokens: TokenSet) -> Fingerprint:
+        """Atomically replace the token file; a crash leaves the old or the new file."""
+        self.ensure_directory()
+        data = json.dumps(tokens.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+        directory = self.path.parent
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_name, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise TokenStoreError(self._os_message("write", exc)) from None
+        self._fsync_directory()
+        return Fingerprint(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def clear(self) -> bool:
+        """Delete the token file; True when there was one."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise TokenStoreError(self._os_message("delete", exc)) from None
+        self._fsync_directory()
+        return True
+
+    def _fsync_directory(self) -> None:
+        try:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the rename is still atomic
+        finally:
+            os.close(dir_fd)
+
+    # --- the cross-process lock -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked(self, wait: float = LOCK_TIMEOUT) -> AsyncIterator[None]:
+        """Hold the lock file beside the token file.
+
+        Polls a non-blocking flock so that waiting never ties up a thread and a
+        cancelled waiter leaves nothing behind. The kernel drops the lock when the
+        holder dies, kill -9 included.
+        """
+        self.ensure_directory()
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise TokenStoreError(
+                f"cannot open the lock file {self.lock_path}: {exc.strerror}"
+            ) from None
+        try:
+            deadline = time.monotonic() + wait
+            delay = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TokenStoreError(
+                            f"another closeproxy process has held {self.lock_path} for over "
+                            f"{wait:.0f} s: check for a stuck process"
+                        ) from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _os_message(self, verb: str, exc: OSError) -> str:
+        return (
+            f"cannot {verb} the token file {self.path}: {exc.strerror or exc}; "
+            "check its permissions or choose another place with --token-file"
+        )
