@@ -14,7 +14,7 @@ from aiohttp.typedefs import Middleware
 from . import admin
 from .config import Settings
 from .guard import Guard, Handler
-from .logs import register_secret
+from .logs import REQUEST_ID, register_secret
 from .oauth import DEFAULT_BACKOFF, OAuthClient
 from .proxy import API_PREFIX, Forwarder
 from .responses import error_response
@@ -91,7 +91,7 @@ def _front_middleware(guard: Guard) -> Middleware:
 
     @web.middleware
     async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request["request_id"] = f"{prefix}-{next(ids)}"
+        request[REQUEST_ID] = f"{prefix}-{next(ids)}"
         refusal = guard.check(request)
         if refusal is not None:
             return refusal

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 REDACTED = "[secure]"
+REQUEST_ID = web.RequestKey("request_id", str)
 _MAX_SECRETS = 64
 _secrets: deque[str] = deque(maxlen=_MAX_SECRETS)
 _secrets_lock = threading.Lock()
@@ -134,9 +135,9 @@ class AccessLogger(AbstractAccessLogger):
             response.status,
             response.body_length,
             time * 1000,
-            request.get("request_id", "-"),
+            request.get(REQUEST_ID, "-"),
             extra={
-                "request_id": request.get("request_id"),
+                "request_id": request.get(REQUEST_ID),
                 "method": request.method,
                 "path": path,
                 "status": response.status,

@@ -1,0 +1,29 @@
+# closeproxy in a container, next to a service that talks to Close.
+#   docker build -t closeproxy .
+#   docker run -p 127.0.0.1:8730:8730 -v closeproxy-data:/data \
+#     -e CLOSEPROXY_PROXY_KEY=... -e CLOSEPROXY_CLIENT_ID=... -e CLOSEPROXY_CLIENT_SECRET=... closeproxy
+# Inside a container the proxy must listen on 0.0.0.0, so a proxy key is required: without
+# one `closeproxy serve` refuses to start (exit 2) rather than expose the account.
+FROM python:3.11-slim
+
+RUN useradd --create-home --uid 10001 closeproxy \
+    && mkdir -m 0700 /data && chown closeproxy:closeproxy /data
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY closeproxy ./closeproxy
+RUN pip install --no-cache-dir . && rm -rf /src
+
+USER closeproxy
+WORKDIR /home/closeproxy
+ENV CLOSEPROXY_HOST=0.0.0.0 \
+    CLOSEPROXY_PORT=8730 \
+    CLOSEPROXY_TOKEN_FILE=/data/tokens.json \
+    PYTHONUNBUFFERED=1
+VOLUME ["/data"]
+EXPOSE 8730
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=3s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8730/healthz', timeout=2)"]
+ENTRYPOINT ["closeproxy"]
+CMD ["serve"]

@@ -1,0 +1,240 @@
+"""Helpers shared by the tests: seeding tokens, raw HTTP, closeproxy subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from closeproxy.config import Settings, load_settings
+from closeproxy.sim import RunningSim
+from closeproxy.store import TokenSet, TokenStore
+
+FAST_BACKOFF = (0.05, 0.1)
+LISTENING = re.compile(r"listening on (http://\S+|unix:\S+)")
+
+
+def seed_tokens(sim: RunningSim, token_file: Path, *, expires_in: float | None = None) -> TokenSet:
+    """Log in at the simulator without a browser and store the grant like `login` would."""
+    reply = sim.state.issue_tokens()
+    now = time.time()
+    tokens = TokenSet.from_reply(reply, received_at=now, api_url=sim.url)
+    if expires_in is not None:
+        tokens = TokenSet(
+            **{**tokens.__dict__, "expires_at": now + expires_in, "obtained_at": now - 3600}
+        )
+    TokenStore(token_file).save(tokens)
+    return tokens
+
+
+def proxy_env(sim: RunningSim, token_file: Path, **extra: str) -> dict[str, str]:
+    """CLOSEPROXY_* variables that point a proxy at the simulator."""
+    return {
+        "CLOSEPROXY_CLIENT_ID": sim.state.config.client_id,
+        "CLOSEPROXY_CLIENT_SECRET": sim.state.config.client_secret,
+        "CLOSEPROXY_API_URL": sim.url,
+        "CLOSEPROXY_APP_URL": sim.url,
+        "CLOSEPROXY_TOKEN_FILE": str(token_file),
+        "CLOSEPROXY_PORT": "0",
+        **extra,
+    }
+
+
+def make_settings(sim: RunningSim, token_file: Path, **flags: Any) -> Settings:
+    return load_settings(flags, proxy_env(sim, token_file))
+
+
+@dataclass
+class Proxy:
+    """A proxy running in the test's event loop on a real port."""
+
+    url: str
+    port: int
+    settings: Settings
+
+
+ProxyFactory = Callable[..., contextlib.AbstractAsyncContextManager[Proxy]]
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+async def raw_request(
+    port: int, head: str, body: bytes = b"", *, read_timeout: float = 10.0
+) -> RawResponse:
+    """Send bytes exactly as given (no client-side normalization) and read one response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode("latin-1") + body)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), read_timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    _, status, reason = [*lines[0].split(" ", 2), ""][:3]
+    headers = [tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line]
+    return RawResponse(int(status), reason, headers, rest)  # type: ignore[arg-type]
+
+
+def get_request(target: str, port: int, **headers: str) -> str:
+    """A raw HTTP/1.1 request head for raw_request, closing the connection after."""
+    lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+# --- closeproxy in subprocesses ------------------------------------------------------
+
+
+@dataclass
+class ServeProcess:
+    """`closeproxy serve` in its own process; its output is drained by reader threads."""
+
+    process: subprocess.Popen[str]
+    url: str = ""
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    _readers: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A full pipe would stall the child's log writer: always read both.
+        for stream, sink in (
+            (self.process.stdout, self.stdout),
+            (self.process.stderr, self.stderr),
+        ):
+            thread = threading.Thread(target=_drain, args=(stream, sink), daemon=True)
+            thread.start()
+            self._readers.append(thread)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stdout):
+                if match := LISTENING.search(line):
+                    self.url = match.group(1)
+                    return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.process.kill()
+        self.join()
+        raise AssertionError(f"closeproxy serve did not start: {''.join(self.stderr)}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for the drain; blocking, so async tests call it via to_thread."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.join()
+
+    def join(self) -> None:
+        for thread in self._readers:
+            thread.join(5)
+
+    @property
+    def logs(self) -> str:
+        return "".join(self.stderr)
+
+
+def _drain(stream: IO[str] | None, sink: list[str]) -> None:
+    if stream is None:
+        return
+    for line in stream:
+        sink.append(line)
+    stream.close()
+
+
+def cli_env(env: dict[str, str]) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CLOSEPROXY_")}
+    return {**base, **env, "PYTHONUNBUFFERED": "1"}
+
+
+def start_serve(env: dict[str, str], *args: str, timeout: float = 20.0) -> ServeProcess:
+    """Start `closeproxy serve` and wait for its listening line (blocking)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "closeproxy", "serve", *args],
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = ServeProcess(process)
+    server.wait_ready(timeout)
+    return server
+
+
+def run_cli(
+    env: dict[str, str], *args: str, input: str | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "closeproxy", *args],
+        env=cli_env(env),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli_async(
+    env: dict[str, str], *args: str, input: str | None = None, timeout: float = 60.0
+) -> CliResult:
+    """Run `closeproxy ARGS` without blocking the loop (an in-process simulator answers)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "closeproxy", *args,
+        env=cli_env(env),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(
+            process.communicate(input.encode() if input is not None else b""), timeout
+        )
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())

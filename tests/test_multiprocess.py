@@ -1,0 +1,89 @@
+"""Several processes sharing one token file: two servers and a `closeproxy refresh` loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from helpers import cli_env, proxy_env, seed_tokens, start_serve
+
+from closeproxy.sim import RunningSim
+from closeproxy.store import TokenStore
+
+LOAD_SECONDS = 9.0
+LIFETIME = 2.0
+
+
+async def _refresh_loop(env: dict[str, str], stop: asyncio.Event) -> list[int]:
+    codes: list[int] = []
+    while not stop.is_set():
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "closeproxy",
+            "refresh",
+            env=cli_env(env),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        codes.append(process.returncode)
+        await asyncio.sleep(1.5)
+    return codes
+
+
+async def _load(
+    client: aiohttp.ClientSession,
+    urls: list[str],
+    stop: asyncio.Event,
+    statuses: collections.Counter[int],
+) -> None:
+    i = 0
+    while not stop.is_set():
+        url = urls[i % len(urls)]
+        i += 1
+        async with client.get(f"{url}/api/v1/me/") as resp:
+            await resp.read()
+            statuses[resp.status] += 1
+
+
+async def test_two_servers_and_a_refresh_loop_never_spend_a_refresh_token_twice(
+    sim: RunningSim, token_file: Path, serve_processes: list
+) -> None:
+    sim.state.config.token_lifetime = LIFETIME
+    seed_tokens(sim, token_file, expires_in=LIFETIME)
+    sim.state.token_delay = 0.05  # widen every race window a little
+    env = proxy_env(sim, token_file)
+    # Started off the event loop: the in-process simulator must keep answering meanwhile.
+    servers = await asyncio.gather(*(asyncio.to_thread(start_serve, env) for _ in range(2)))
+    serve_processes.extend(servers)
+    urls = [server.url for server in servers]
+
+    stop = asyncio.Event()
+    statuses: collections.Counter[int] = collections.Counter()
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as client:
+        workers = [asyncio.create_task(_load(client, urls, stop, statuses)) for _ in range(16)]
+        refresher = asyncio.create_task(_refresh_loop(env, stop))
+        await asyncio.sleep(LOAD_SECONDS)
+        stop.set()
+        await asyncio.gather(*workers)
+        cli_refreshes = await refresher
+    elapsed = time.monotonic() - started
+
+    assert sim.state.reuse_detected == 0
+    assert dict(statuses) == {200: sum(statuses.values())}, statuses
+    assert sum(statuses.values()) > 500
+    # several expiries really happened, from the servers as well as from the CLI
+    assert elapsed / LIFETIME >= 4
+    assert len(cli_refreshes) >= 3
+    assert sim.state.refreshes >= len(cli_refreshes) + 2
+    final = TokenStore(token_file).load()
+    assert final is not None and final.refresh_rejected is None
+    assert sim.state.access_token_valid(final.access_token)
+    assert await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers)) == [0, 0]

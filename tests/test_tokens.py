@@ -1,0 +1,168 @@
+"""Token life inside one proxy: proactive, reactive and failing refreshes, over real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+from helpers import Proxy, ProxyFactory, make_settings, seed_tokens
+
+from closeproxy.server import running
+from closeproxy.sim import RunningSim
+from closeproxy.store import TokenSet, TokenStore
+
+
+def stored(token_file: Path) -> TokenSet:
+    tokens = TokenStore(token_file).load()
+    assert tokens is not None
+    return tokens
+
+
+async def get_me(client: aiohttp.ClientSession, proxy: Proxy) -> tuple[int, dict[str, object]]:
+    async with client.get(f"{proxy.url}/api/v1/me/") as resp:
+        return resp.status, await resp.json()
+
+
+async def test_200_concurrent_requests_on_an_expired_token_cause_one_refresh(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    old = seed_tokens(sim, token_file, expires_in=-10)
+    sim.state.expire_access_token(old.access_token)
+    sim.state.token_delay = 0.2  # keep the refresh in flight while all 200 arrive
+    results = await asyncio.gather(*(get_me(client, proxy) for _ in range(200)))
+    assert [status for status, _ in results] == [200] * 200
+    assert sim.state.refreshes == 1
+    assert sim.state.token_requests == 1
+    new = stored(token_file)
+    assert new.access_token != old.access_token
+    assert {
+        value for r in sim.state.api_log for name, value in r.headers if name == "Authorization"
+    } == {f"Bearer {new.access_token}"}
+
+
+async def test_refresh_inside_the_margin_happens_in_the_background(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    old = seed_tokens(sim, token_file, expires_in=120)  # inside the default 300 s margin
+    sim.state.token_delay = 0.5
+    async with start_proxy() as proxy:
+        started = time.monotonic()
+        status, _ = await get_me(client, proxy)
+        assert status == 200
+        assert time.monotonic() - started < 0.4  # did not wait for the slow refresh
+        await asyncio.sleep(0.8)
+        assert sim.state.refreshes == 1
+        assert stored(token_file).access_token != old.access_token
+        status, _ = await get_me(client, proxy)
+        assert status == 200
+    assert sim.state.refreshes == 1
+
+
+async def test_refresh_rejected_with_invalid_grant_means_login_required_and_no_hammering(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    old = seed_tokens(sim, token_file, expires_in=-10)
+    sim.state.revoke(old.refresh_token)
+    for _ in range(5):
+        status, body = await get_me(client, proxy)
+        assert status == 401
+        assert body["closeproxy_error"] == "login_required"
+        assert "closeproxy login" in str(body["error"])
+    assert sim.state.token_requests == 1
+    dead = stored(token_file)
+    assert dead.refresh_rejected == "invalid_grant"
+    assert dead.refresh_token == old.refresh_token  # kept for the record, never sent again
+    # a new login (another process replaces the file) brings the proxy back at once
+    fresh = seed_tokens(sim, token_file)
+    status, _ = await get_me(client, proxy)
+    assert status == 200
+    assert sim.state.api_log[-1].headers.count(("Authorization", f"Bearer {fresh.access_token}"))
+
+
+async def test_token_endpoint_down_is_503_and_keeps_the_refresh_token(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    old = seed_tokens(sim, token_file, expires_in=-10)
+    for mode in ("down", "drop"):
+        sim.state.token_endpoint = mode
+        status, body = await get_me(client, proxy)
+        assert status == 503, mode
+        assert body["closeproxy_error"] == "token_service_unavailable"
+        assert stored(token_file).refresh_token == old.refresh_token
+    assert sim.state.token_requests == 6  # three attempts each, bounded
+    sim.state.token_endpoint = "ok"
+    status, _ = await get_me(client, proxy)
+    assert status == 200
+    assert sim.state.refreshes == 1
+    assert stored(token_file).refresh_token != old.refresh_token
+
+
+async def test_token_endpoint_unreachable_is_503(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    old = seed_tokens(sim, token_file, expires_in=-10)
+    async with start_proxy(api_url="http://127.0.0.1:9") as proxy:
+        status, body = await get_me(client, proxy)
+    assert status == 503
+    assert body["closeproxy_error"] == "token_service_unavailable"
+    assert stored(token_file) == old
+
+
+async def test_file_replaced_by_another_process_is_picked_up(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    first = seed_tokens(sim, token_file)
+    assert (await get_me(client, proxy))[0] == 200
+    second = seed_tokens(sim, token_file)  # e.g. `closeproxy login` in another terminal
+    assert (await get_me(client, proxy))[0] == 200
+    used = [
+        value for r in sim.state.api_log for name, value in r.headers if name == "Authorization"
+    ]
+    assert used == [f"Bearer {first.access_token}", f"Bearer {second.access_token}"]
+    token_file.unlink()  # e.g. `closeproxy revoke` elsewhere
+    status, body = await get_me(client, proxy)
+    assert (status, body["closeproxy_error"]) == (401, "login_required")
+
+
+async def test_grant_without_refresh_token_works_until_expiry(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    reply = sim.state.issue_tokens()
+    reply.pop("refresh_token")
+    now = time.time()
+    store = TokenStore(token_file)
+    store.save(TokenSet.from_reply(reply, received_at=now - 3590, api_url=sim.url))
+    assert (await get_me(client, proxy))[0] == 200  # inside the margin, still valid
+    store.save(TokenSet.from_reply(reply, received_at=now - 4000, api_url=sim.url))
+    status, body = await get_me(client, proxy)
+    assert (status, body["closeproxy_error"]) == (401, "login_required")
+    assert "refresh token" in str(body["error"])
+    assert sim.state.token_requests == 0
+
+
+async def test_without_client_credentials_an_expired_token_says_what_to_set(
+    sim: RunningSim, token_file: Path, client: aiohttp.ClientSession
+) -> None:
+    seed_tokens(sim, token_file, expires_in=-10)
+    settings = replace(make_settings(sim, token_file), client_id=None, client_secret=None)
+    async with running(settings) as where, client.get(f"{where.url}/api/v1/me/") as resp:
+        body = await resp.json()
+    assert body["closeproxy_error"] == "token_request_rejected"
+    assert "CLOSEPROXY_CLIENT_ID" in body["error"]
+    assert sim.state.token_requests == 0
+
+
+async def test_status_shows_a_rejected_grant(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    old = seed_tokens(sim, token_file, expires_in=-10)
+    sim.state.revoke(old.refresh_token)
+    await get_me(client, proxy)
+    async with client.get(f"{proxy.url}/admin/status") as resp:
+        status = json.loads(await resp.text())
+    assert status["logged_in"] is False
+    assert "invalid_grant" in status["problem"]
