@@ -6,11 +6,22 @@ import logging
 import time
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
 from . import __version__
-from .errors import ServiceError
+from .errors import CloseProxyError, ServiceError
+from .guard import CALLBACK_PATH
+from .login import (
+    PAGE_HEADERS,
+    Callback,
+    callback_page,
+    check_callback,
+    finish_login,
+    start_login,
+    success_page,
+)
 from .responses import json_response, service_error_response
 from .services import SERVICES, Services
 from .tokens import status_document
@@ -58,10 +69,52 @@ async def admin_revoke(request: web.Request) -> web.Response:
     except ServiceError as exc:
         return service_error_response(exc)
     body: dict[str, Any] = {"revoked": outcome.revoked_at_close, "wiped": outcome.wiped}
-    if outcome.problem:
+    if not outcome.had_grant:
+        body["message"] = "not logged in: there was nothing to revoke"
+    elif outcome.problem:
         body["error"] = outcome.problem
         body["closeproxy_error"] = "revoke_incomplete"
-    return json_response(body, status=200 if outcome.revoked_at_close else 502)
+        return json_response(body, status=502)
+    return json_response(body)
+
+
+async def admin_login(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    if services.provider.oauth is None:
+        return callback_page(
+            500,
+            "Login is not configured",
+            "Set the client id and secret of your Close OAuth app (CLOSEPROXY_CLIENT_ID and "
+            "CLOSEPROXY_CLIENT_SECRET) and restart closeproxy.",
+        )
+    redirect_uri = services.settings.redirect_uri or f"http://{request.host}{CALLBACK_PATH}"
+    pending = start_login(services.settings, redirect_uri=redirect_uri)
+    services.pending.add(pending)
+    return web.Response(status=302, headers={"Location": pending.url, **PAGE_HEADERS})
+
+
+async def admin_callback(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    received = Callback.from_query(parse_qs(request.query_string, keep_blank_values=True))
+    pending = services.pending.take(received.state)
+    if pending is None or services.provider.oauth is None:
+        return callback_page(
+            400,
+            "Login link not valid",
+            "This login link is unknown, expired or was already used: start again at "
+            "/admin/login on this proxy.",
+        )
+    try:
+        code = check_callback(pending, received)
+        tokens = await finish_login(services.provider.oauth, services.store, pending, code)
+    except CloseProxyError as exc:
+        return callback_page(400, "Login failed", str(exc))
+    log.info(
+        "logged in through /admin/login: organization %s, user %s",
+        tokens.organization_id,
+        tokens.user_id,
+    )
+    return success_page(tokens, str(services.store.path))
 
 
 def add_routes(app: web.Application) -> None:
@@ -69,3 +122,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/status", admin_status)
     app.router.add_post("/admin/refresh", admin_refresh)
     app.router.add_post("/admin/revoke", admin_revoke)
+    app.router.add_get("/admin/login", admin_login)
+    app.router.add_get(CALLBACK_PATH, admin_callback)

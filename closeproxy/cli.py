@@ -6,27 +6,38 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
-from . import __version__
+from . import __version__, terminal_login
 from .app import client_session, oauth_client
-from .config import OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
+from .config import DEFAULT_PORT, OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
 from .errors import CloseProxyError, ConfigError
 from .logs import setup_logging
+from .runner import run_command
 from .server import Listening, serve
 from .store import TokenStore
 from .tokens import TokenProvider, status_document
 
 _CLIENT = ("client_id", "client_secret", "api_url", "token_file")
 _LOGGING = ("log_level", "log_format")
+_SERVE = tuple(o.name for o in OPTIONS if o.name != "login_timeout")
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "serve": tuple(o.name for o in OPTIONS if o.name != "login_timeout"),
+    "serve": _SERVE,
+    "login": (*_CLIENT, "redirect_uri", "app_url", "login_timeout", *_LOGGING),
     "status": ("token_file",),
     "refresh": (*_CLIENT, *_LOGGING),
+    "revoke": (*_CLIENT, *_LOGGING),
     "token": (*_CLIENT, "refresh_margin", *_LOGGING),
+    "run": tuple(
+        name for name in _SERVE if name not in {"host", "port", "unix_socket", "proxy_key"}
+    ),
+    "demo": ("port", *_LOGGING),
 }
+ALIASES: dict[str, str] = {"logout": "revoke"}
 
 Command = Callable[[Settings, argparse.Namespace], int]
 
@@ -82,8 +93,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _provider(settings: Settings) -> AsyncIterator[TokenProvider]:
-    settings.require_client()
+async def _provider(
+    settings: Settings, *, require_client: bool = True
+) -> AsyncIterator[TokenProvider]:
+    if require_client:
+        settings.require_client()
     async with client_session() as session:
         provider = TokenProvider(
             TokenStore(settings.token_file),
@@ -111,6 +125,80 @@ def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _provider(settings) as provider:
+            assert provider.oauth is not None
+            tokens = await terminal_login.login(
+                settings,
+                provider.oauth,
+                provider.store,
+                browser=not args.no_browser,
+                pkce=not args.no_pkce,
+                err=sys.stderr,
+            )
+        print(
+            f"logged in to Close: organization {tokens.organization_id or '?'}, "
+            f"user {tokens.user_id or '?'}\ntokens stored in {settings.token_file}"
+        )
+        if tokens.refresh_token is None:
+            print(
+                "note: Close gave no refresh token (the OAuth app lacks offline_access), so "
+                "the session ends when the access token expires"
+            )
+        return 0
+
+    setup_logging(_quiet_level(settings), settings.log_format)
+    return asyncio.run(run())
+
+
+def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _provider(settings, require_client=False) as provider:
+            outcome = await provider.revoke()
+        if not outcome.had_grant:
+            print(f"not logged in: nothing to revoke ({settings.token_file} does not exist)")
+            return 0
+        if outcome.problem:
+            print(f"closeproxy revoke: {outcome.problem}", file=sys.stderr)
+            return 1
+        print(f"revoked the grant at Close and wiped {settings.token_file}")
+        return 0
+
+    setup_logging(_quiet_level(settings), settings.log_format)
+    return asyncio.run(run())
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ConfigError(
+            "nothing to run: give a command after --, e.g. `closeproxy run -- python sync.py`",
+            setting="command",
+        )
+    setup_logging(_quiet_level(settings), settings.log_format)
+    status: int = asyncio.run(run_command(settings, argv))
+    return status
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from .demo import demo  # the simulator is loaded only for the demo
+
+    setup_logging(settings.log_level, settings.log_format)
+    if "port" not in settings.sources:
+        settings = replace(settings, port=DEFAULT_PORT)
+    return asyncio.run(
+        demo(settings, exit_after=args.exit_after, say=lambda text: print(text, flush=True))
+    )
+
+
+def _quiet_level(settings: Settings) -> str:
+    """Commands sharing the terminal with someone else log warnings only, unless asked."""
+    return settings.log_level if "log_level" in settings.sources else "warning"
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings) as provider:
@@ -130,6 +218,14 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         "`listening on http://HOST:PORT` once ready; SIGINT/SIGTERM drain in-flight "
         "requests and exit 0.",
     ),
+    "login": (
+        cmd_login,
+        "log in to Close in a browser and store the tokens",
+        "Log in with the OAuth authorization code flow. With a loopback redirect URI "
+        "(http://127.0.0.1:PORT/...) the browser's redirect is caught on that port; "
+        "otherwise, or with --no-browser, paste the URL the browser landed on. State "
+        "and PKCE (S256) protect the exchange.",
+    ),
     "status": (
         cmd_status,
         "show who is logged in (never a secret)",
@@ -140,6 +236,28 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         cmd_refresh,
         "refresh the access token now",
         "Refresh the access token now. Safe while servers run: it takes the same lock.",
+    ),
+    "revoke": (
+        cmd_revoke,
+        "revoke the grant at Close and wipe the local tokens (alias: logout)",
+        "Revoke the refresh and access tokens at Close, then wipe the token file. The "
+        "file is wiped even when Close cannot be reached; then the exit status is 1 and "
+        "the grant may still be active at Close.",
+    ),
+    "run": (
+        cmd_run,
+        "run a command against a private proxy: closeproxy run -- CMD ARGS",
+        "Start the proxy on a free loopback port with a fresh random proxy key and run "
+        "CMD with CLOSE_API_URL, CLOSEPROXY_URL and CLOSE_API_KEY (that key) in its "
+        "environment, so a tool written for Close API keys works unchanged. Signals are "
+        "forwarded; the exit status is CMD's.",
+    ),
+    "demo": (
+        cmd_demo,
+        "try it all without a Close account: simulator + logged-in proxy",
+        "Start the bundled Close simulator and a proxy logged in to it (port 8730 unless "
+        "busy), and print curl commands to paste. No network or account needed; the "
+        "demo's tokens live in a temporary directory.",
     ),
     "token": (
         cmd_token,
@@ -173,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"closeproxy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, summary, description) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=description)
+        aliases = [alias for alias, target in ALIASES.items() if target == name]
+        sub = commands.add_parser(name, help=summary, description=description, aliases=aliases)
         sub.add_argument(
             "--config",
             metavar="PATH",
@@ -183,6 +302,31 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print a JSON document")
+        if name == "login":
+            sub.add_argument(
+                "--no-browser",
+                action="store_true",
+                help="do not open a browser or listen for the redirect: print the URL and "
+                "read the landed URL (or the code) from stdin",
+            )
+            sub.add_argument(
+                "--no-pkce", action="store_true", help="do not send a PKCE code challenge"
+            )
+        if name == "run":
+            sub.add_argument(
+                "argv",
+                nargs=argparse.REMAINDER,
+                metavar="-- CMD ARGS",
+                help="the command to run and its arguments",
+            )
+        if name == "demo":
+            sub.add_argument(
+                "--exit-after",
+                type=float,
+                metavar="SECONDS",
+                default=None,
+                help="stop after this many seconds (default: run until Ctrl-C)",
+            )
         for option_name in COMMAND_OPTIONS[name]:
             _add_option(sub, option_name)
     return parser
@@ -195,6 +339,7 @@ def _flags(args: argparse.Namespace, command: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command = ALIASES.get(args.command, args.command)
     func = COMMANDS[args.command][0]
     try:
         settings = load_settings(_flags(args, args.command), config_file=args.config)
@@ -208,6 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"closeproxy {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A bug. The details go to the debug log (redacted); the terminal gets one line.
+        logging.getLogger("closeproxy").debug("unexpected error", exc_info=True)
+        print(
+            f"closeproxy {args.command}: unexpected error ({type(exc).__name__}); this is a "
+            "bug: please report it, with the output of --log-level debug",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def run() -> None:

@@ -24,13 +24,13 @@ from typing import ClassVar
 class CloseProxyError(Exception):
     """Base of every error closeproxy raises on purpose."""
 
-    exit_code: ClassVar[int] = 1
+    exit_code: int = 1  # the CLI's exit status when this ends a command
 
 
 class ConfigError(CloseProxyError):
     """A setting is missing or invalid; the message names it and where it came from."""
 
-    exit_code: ClassVar[int] = 2
+    exit_code = 2
 
     def __init__(self, message: str, *, setting: str | None = None) -> None:
         super().__init__(message)

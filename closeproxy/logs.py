@@ -27,10 +27,11 @@ REQUEST_ID = web.RequestKey("request_id", str)
 _MAX_SECRETS = 64
 _secrets: deque[str] = deque(maxlen=_MAX_SECRETS)
 _secrets_lock = threading.Lock()
-# Credentials in the shapes they travel in, even ones this process never registered.
+# Credentials in the shapes they travel in, even ones this process never registered
+# (the login callback's code and state included).
 _SHAPES = re.compile(
     r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"
-    r"|((?:access_token|refresh_token|client_secret|code_verifier|token)[\"']?\s*[:=]\s*[\"']?)"
+    r"|((?:access_token|refresh_token|client_secret|code_verifier|token|code|state)[\"']?\s*[:=]\s*[\"']?)"
     r"[^\s\"'&,}]{4,}"
 )
 _EXTRA_FIELDS: tuple[str, ...] = (

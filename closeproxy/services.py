@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
+from .login import PendingLogins
 from .proxy import Forwarder
 from .store import TokenStore
 from .tokens import TokenProvider
@@ -23,6 +24,7 @@ class Services:
     store: TokenStore
     provider: TokenProvider
     forwarder: Forwarder
+    pending: PendingLogins = field(default_factory=PendingLogins)
     started: float = field(default_factory=time.monotonic)
 
 

@@ -33,8 +33,9 @@ MIN_VALIDITY = 5.0
 class RevokeOutcome:
     """What `revoke` managed: Close told, local state wiped, and if not, why."""
 
-    revoked_at_close: bool
-    wiped: bool
+    had_grant: bool
+    revoked_at_close: bool = False
+    wiped: bool = False
     problem: str | None = None
 
 
@@ -162,11 +163,12 @@ class TokenProvider:
             await asyncio.gather(self._inflight, return_exceptions=True)
         async with self.store.locked():
             tokens, _ = self.store.load_with_fingerprint()
+            if tokens is None:
+                self._adopt(None, None)
+                return RevokeOutcome(had_grant=False)
             problem: str | None = None
             revoked = False
-            if tokens is None:
-                problem = "there was nothing to revoke: not logged in"
-            elif self.oauth is None:
+            if self.oauth is None:
                 problem = (
                     "no client id and secret are configured, so Close was not told: the grant "
                     "may still be active; remove the app's access in Close's settings"
@@ -179,13 +181,15 @@ class TokenProvider:
                             await self.oauth.revoke(token)
                     revoked = True
                 except ServiceError as exc:
+                    log.warning("revoking at Close failed: %s", exc)
                     problem = (
-                        f"{exc} — the local tokens were wiped anyway, but the grant may still "
-                        "be active at Close; remove the app's access in Close's settings"
+                        "Close could not be told (its revoke endpoint failed or was out of "
+                        "reach); the local tokens were wiped anyway, but the grant may still be "
+                        "active at Close: remove the app's access in Close's settings"
                     )
             wiped = self.store.clear()
             self._adopt(None, None)
-        return RevokeOutcome(revoked_at_close=revoked, wiped=wiped, problem=problem)
+        return RevokeOutcome(had_grant=True, revoked_at_close=revoked, wiped=wiped, problem=problem)
 
     async def aclose(self) -> None:
         """Let a refresh in progress finish writing its tokens."""

@@ -40,7 +40,7 @@ async def test_serve_forwards_and_drains_in_flight_requests_on_sigterm(
         assert resp.status == 200  # the request that was in flight finished
         resp.release()
         assert await stopped == 0
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 

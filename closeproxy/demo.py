@@ -1,0 +1,111 @@
+"""`closeproxy demo`: the simulator, a proxy logged in to it, and curl lines to paste.
+
+Works with no network and no Close account; nothing touches the user's real tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+from yarl import URL
+
+from .config import Secret, Settings
+from .errors import CloseProxyError, ConfigError
+from .server import Listening, running
+from .sim import SimConfig, run_sim
+
+DEMO_TOKEN_LIFETIME = 60.0
+
+
+class DemoFailed(CloseProxyError):
+    """The demo could not log in to its own simulator."""
+
+
+async def _log_in_through_the_proxy(proxy_url: str) -> str:
+    """What a browser does at /admin/login: consent (automatic here), land on the callback."""
+    async with (
+        aiohttp.ClientSession() as browser,
+        browser.get(f"{proxy_url}/admin/login") as page,
+    ):
+        text = await page.text()
+        if page.status != 200 or "Logged in to Close" not in text:
+            raise DemoFailed(f"the demo login ended with HTTP {page.status}: {text[:200]}")
+        return str(page.url)
+
+
+def demo_commands(url: str) -> list[str]:
+    return [
+        f"curl {url}/api/v1/me/",
+        f"curl '{url}/api/v1/lead/?_limit=2&_fields=id,display_name'",
+        f"curl -X POST {url}/api/v1/lead/ -H 'Content-Type: application/json' "
+        '-d \'{"name": "Acme Inc."}\'',
+        f"curl {url}/admin/status",
+        f"curl -X POST {url}/admin/refresh",
+    ]
+
+
+async def demo(
+    settings: Settings,
+    *,
+    exit_after: float | None,
+    say: Callable[[str], None],
+) -> int:
+    """Run until Ctrl-C (or `exit_after` seconds); the token file lives in a temp dir."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        with tempfile.TemporaryDirectory(prefix="closeproxy-demo-") as tmp:
+            sim_config = SimConfig(token_lifetime=DEMO_TOKEN_LIFETIME)
+            async with run_sim(sim_config) as sim:
+                demo_settings = Settings(
+                    client_id=sim_config.client_id,
+                    client_secret=Secret(sim_config.client_secret),
+                    api_url=URL(sim.url),
+                    app_url=URL(sim.url),
+                    host="127.0.0.1",
+                    port=settings.port,
+                    token_file=Path(tmp) / "tokens.json",
+                    log_level=settings.log_level,
+                    log_format=settings.log_format,
+                )
+                async with _running_somewhere(demo_settings, say) as where:
+                    await _log_in_through_the_proxy(where.url)
+                    say(
+                        f"closeproxy demo: a simulated Close runs at {sim.url} and the proxy, "
+                        f"logged in to it, at {where.url}\n"
+                        f"listening on {where.url}\n\nTry:\n"
+                        + "".join(f"  {line}\n" for line in demo_commands(where.url))
+                        + f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
+                        "show up in the log. Ctrl-C stops the demo."
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), exit_after)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _running_somewhere(
+    settings: Settings, say: Callable[[str], None]
+) -> AsyncIterator[Listening]:
+    """The proxy on the wanted port, or on a free one if that is taken."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            where = await stack.enter_async_context(running(settings))
+        except ConfigError as exc:
+            if exc.setting != "port" or settings.port == 0:
+                raise
+            say(f"port {settings.port} is busy; using a free port instead")
+            where = await stack.enter_async_context(running(replace(settings, port=0)))
+        yield where

@@ -1,0 +1,196 @@
+"""The authorization-code login: authorize URL, callback checks, code exchange, storage.
+
+Shared by `closeproxy login` (loopback listener or pasted URL) and the proxy's
+/admin/login and /admin/callback routes. The `state` is checked before any code is
+exchanged, and each pending login can be completed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import secrets
+import time
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlsplit
+
+from aiohttp import web
+from yarl import URL
+
+from .config import Settings, is_loopback_host
+from .errors import LoginFailed
+from .oauth import OAuthClient, authorize_url, pkce_pair
+from .store import TokenSet, TokenStore
+
+PENDING_LIFETIME = 600.0
+MAX_PENDING = 32
+
+
+@dataclass(frozen=True)
+class PendingLogin:
+    """One started login: what the callback must match, and the PKCE verifier."""
+
+    state: str
+    redirect_uri: str | None
+    verifier: str | None
+    url: str
+    created: float = field(default_factory=time.monotonic)
+
+    def __repr__(self) -> str:
+        return f"PendingLogin(redirect_uri={self.redirect_uri!r}, state='[secure]')"
+
+
+def start_login(settings: Settings, *, redirect_uri: str | None, pkce: bool = True) -> PendingLogin:
+    """A fresh state (256 random bits) and, unless turned off, a PKCE pair."""
+    client_id, _ = settings.require_client()
+    state = secrets.token_urlsafe(32)
+    verifier, challenge = pkce_pair() if pkce else (None, None)
+    url = authorize_url(
+        settings.app_url,
+        client_id=client_id,
+        state=state,
+        redirect_uri=redirect_uri,
+        code_challenge=challenge,
+    )
+    return PendingLogin(state, redirect_uri, verifier, url)
+
+
+@dataclass(frozen=True)
+class Callback:
+    """What came back from the browser: a code or an error, and the state."""
+
+    code: str | None
+    state: str | None
+    error: str | None
+    error_description: str | None = None
+    # A code typed or pasted on its own: the user vouches for it, there is no state to check.
+    bare: bool = False
+
+    @classmethod
+    def from_query(cls, query: dict[str, list[str]]) -> Callback:
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[0] if values and len(values) == 1 else None
+
+        return cls(one("code"), one("state"), one("error"), one("error_description"))
+
+    @classmethod
+    def from_pasted(cls, text: str) -> Callback:
+        """A pasted landing URL, its query string, or just the bare code."""
+        text = text.strip()
+        if not text:
+            raise LoginFailed("nothing was entered: paste the URL your browser landed on")
+        if "=" not in text and "?" not in text and "/" not in text:
+            return cls(code=text, state=None, error=None, bare=True)
+        query = urlsplit(text).query if "?" in text or "://" in text else text
+        return cls.from_query(parse_qs(query.lstrip("?"), keep_blank_values=True))
+
+
+def check_callback(pending: PendingLogin, callback: Callback) -> str:
+    """The authorization code, or LoginFailed; nothing is exchanged before this passes."""
+    if callback.state is None and not callback.bare:
+        raise LoginFailed(
+            "the callback has no state parameter, so it cannot be matched to this login: "
+            "paste the whole URL the browser landed on, or run `closeproxy login` again"
+        )
+    if callback.state is not None and not hmac.compare_digest(
+        callback.state.encode(), pending.state.encode()
+    ):
+        raise LoginFailed(
+            "the callback's state does not match this login (a stale or forged link): "
+            "run `closeproxy login` again and use the link it gives"
+        )
+    if callback.error is not None:
+        if callback.error == "access_denied":
+            raise LoginFailed(
+                "access was declined on Close's consent page: run `closeproxy login` again "
+                "and choose Allow"
+            )
+        # The error value is not repeated: it is request input, and pages never echo that.
+        raise LoginFailed(
+            "Close reported an error instead of a code: check the OAuth app's client id and "
+            "redirect URI, then run `closeproxy login` again"
+        )
+    if not callback.code:
+        raise LoginFailed("the callback carries no code: paste the whole URL the browser landed on")
+    return callback.code
+
+
+async def finish_login(
+    oauth: OAuthClient, store: TokenStore, pending: PendingLogin, code: str
+) -> TokenSet:
+    """Exchange the code and store the grant, under the same lock refreshes take."""
+    sent_at = time.time()
+    reply = await oauth.exchange_code(
+        code, redirect_uri=pending.redirect_uri, code_verifier=pending.verifier
+    )
+    tokens = TokenSet.from_reply(reply, received_at=sent_at, api_url=str(oauth.api_url))
+    async with store.locked():
+        await asyncio.to_thread(store.save, tokens)
+    return tokens
+
+
+def is_loopback_redirect(redirect_uri: str | None) -> bool:
+    """True when `closeproxy login` can catch the redirect itself with a local listener."""
+    if redirect_uri is None:
+        return False
+    url = URL(redirect_uri)
+    return url.scheme == "http" and url.host is not None and is_loopback_host(url.host)
+
+
+class PendingLogins:
+    """The logins started through /admin/login that await their callback."""
+
+    def __init__(self) -> None:
+        self._by_state: dict[str, PendingLogin] = {}
+
+    def add(self, pending: PendingLogin) -> None:
+        self._expire()
+        while len(self._by_state) >= MAX_PENDING:
+            self._by_state.pop(next(iter(self._by_state)))
+        self._by_state[pending.state] = pending
+
+    def take(self, state: str | None) -> PendingLogin | None:
+        """The login this state belongs to, removed so that it completes only once."""
+        self._expire()
+        if state is None:
+            return None
+        return self._by_state.pop(state, None)
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - PENDING_LIFETIME
+        for state in [s for s, p in self._by_state.items() if p.created < cutoff]:
+            del self._by_state[state]
+
+
+# --- the page a browser sees after the callback ------------------------------------------
+
+PAGE_HEADERS: dict[str, str] = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>closeproxy: {title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:36em;margin:4em auto;line-height:1.5}}
+</style></head>
+<body><h1>{title}</h1><p>{message}</p></body></html>
+"""
+
+
+def callback_page(status: int, title: str, message: str) -> web.Response:
+    """A plain page; nothing from the request is ever echoed into it."""
+    body = _PAGE.format(title=html.escape(title), message=html.escape(message))
+    return web.Response(status=status, text=body, content_type="text/html", headers=PAGE_HEADERS)
+
+
+def success_page(tokens: TokenSet, where: str) -> web.Response:
+    return callback_page(
+        200,
+        "Logged in to Close",
+        f"Organization {tokens.organization_id or '?'}, user {tokens.user_id or '?'}. "
+        f"The tokens are stored in {where}. You can close this tab.",
+    )

@@ -1,0 +1,91 @@
+"""`closeproxy run -- CMD`: a private proxy for one command that thinks it has an API key."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from .config import Secret, Settings
+from .errors import CloseProxyError
+from .server import running
+
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+# The child needs none of these; the client secret above all must not leak into it.
+WITHHELD_ENV: frozenset[str] = frozenset({"CLOSEPROXY_CLIENT_SECRET", "CLOSEPROXY_PROXY_KEY"})
+
+
+class CommandFailed(CloseProxyError):
+    """The command could not be started."""
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def child_environment(base: Mapping[str, str], proxy_url: str, key: str) -> dict[str, str]:
+    env = {name: value for name, value in base.items() if name not in WITHHELD_ENV}
+    env.update(
+        CLOSE_API_URL=f"{proxy_url}/api/v1/",
+        CLOSEPROXY_URL=proxy_url,
+        CLOSE_API_KEY=key,
+    )
+    return env
+
+
+def _terminal_delivers_sigint() -> bool:
+    """True when Ctrl-C already reaches the child through the terminal's process group."""
+    try:
+        return sys.stdin.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return False
+
+
+async def run_command(settings: Settings, argv: Sequence[str]) -> int:
+    """Serve on a free loopback port with a fresh key, run `argv`, return its exit status."""
+    key = secrets.token_urlsafe(32)
+    private = replace(settings, host="127.0.0.1", port=0, unix_socket=None, proxy_key=Secret(key))
+    async with running(private) as where:
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv, env=child_environment(os.environ, where.url, key)
+            )
+        except FileNotFoundError:
+            raise CommandFailed(f"command not found: {argv[0]}", exit_code=127) from None
+        except PermissionError:
+            raise CommandFailed(f"permission denied: {argv[0]}", exit_code=126) from None
+        loop = asyncio.get_running_loop()
+        skip_sigint = _terminal_delivers_sigint()
+
+        def forward(signum: signal.Signals) -> None:
+            if signum == signal.SIGINT and skip_sigint:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+        for signum in FORWARDED_SIGNALS:
+            loop.add_signal_handler(signum, forward, signum)
+        try:
+            status = await child.wait()
+        finally:
+            for signum in FORWARDED_SIGNALS:
+                loop.remove_signal_handler(signum)
+            if child.returncode is None:  # we are failing ourselves: take the child along
+                with contextlib.suppress(ProcessLookupError):
+                    child.terminate()
+                await child.wait()
+    # A child killed by a signal exits like a shell reports it: 128 + the signal number.
+    return status if status >= 0 else 128 - status

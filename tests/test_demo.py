@@ -1,0 +1,51 @@
+"""`closeproxy demo`: one command, no account, no network, a working proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+
+import aiohttp
+from helpers import cli_env
+
+
+async def test_demo_serves_the_api_within_seconds() -> None:
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "demo",
+        "--port",
+        "0",
+        "--exit-after",
+        "20",
+        env=cli_env({}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    url = None
+    printed = ""
+    try:
+        while url is None:
+            line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+            assert line, f"demo ended early: {printed}"
+            printed += line
+            if match := re.match(r"listening on (http://127\.0\.0\.1:\d+)", line):
+                url = match.group(1)
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{url}/api/v1/me/") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["id"] == "user_sim"
+            async with client.post(f"{url}/api/v1/lead/", json={"name": "Acme"}) as resp:
+                assert resp.status in {200, 201}
+        assert time.monotonic() - started < 10
+        rest = (await asyncio.wait_for(process.stdout.read(300), 5)).decode()
+        assert f"curl {url}/api/v1/me/" in printed + rest
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+    assert process.returncode == 0

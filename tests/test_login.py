@@ -1,0 +1,291 @@
+"""Logging in: `closeproxy login` (paste and loopback) and /admin/login, against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import stat
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from helpers import Proxy, cli_env, proxy_env, run_cli_async
+
+from closeproxy.sim import RunningSim
+from closeproxy.store import TokenStore
+
+AUTHORIZE_LINE = "/oauth2/authorize/?"
+
+
+class LoginProcess:
+    """`closeproxy login` in a child process that the test talks to like a user."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.stderr = ""
+
+    @classmethod
+    async def start(cls, env: dict[str, str], *args: str) -> LoginProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "closeproxy",
+            "login",
+            *args,
+            env=cli_env(env),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process)
+
+    async def authorize_url(self) -> str:
+        assert self.process.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(self.process.stderr.readline(), 20)).decode()
+            self.stderr += line
+            if not line:
+                raise AssertionError(f"login printed no authorize URL: {self.stderr}")
+            if AUTHORIZE_LINE in line:
+                return line.strip()
+
+    async def finish(self, pasted: str | None = None) -> tuple[int, str, str]:
+        out, err = await asyncio.wait_for(
+            self.process.communicate(pasted.encode() if pasted is not None else None), 30
+        )
+        assert self.process.returncode is not None
+        return self.process.returncode, out.decode(), self.stderr + err.decode()
+
+
+async def consent(authorize_url: str) -> str:
+    """What the browser does: open the authorize URL; returns where Close sends it."""
+    async with (
+        aiohttp.ClientSession() as browser,
+        browser.get(authorize_url, allow_redirects=False) as resp,
+    ):
+        assert resp.status == 302
+        return resp.headers["Location"]
+
+
+def query_of(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_paste_flow_stores_tokens_and_status_shows_who(
+    sim: RunningSim, token_file: Path
+) -> None:
+    env = proxy_env(sim, token_file)
+    login = await LoginProcess.start(env, "--no-browser")
+    url = await login.authorize_url()
+    params = query_of(url)
+    assert params["client_id"] == [sim.state.config.client_id]
+    assert params["response_type"] == ["code"]
+    assert len(params["state"][0]) >= 22  # at least 128 bits, base64url
+    assert params["code_challenge_method"] == ["S256"]
+    landed = await consent(url)
+    code, out, err = await login.finish(landed + "\n")
+    assert code == 0, err
+    assert sim.state.config.organization_id in out
+    assert sim.state.config.user_id in out
+    assert str(token_file) in out
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    status = await run_cli_async(env, "status", "--json")
+    doc = json.loads(status.stdout)
+    assert doc["organization_id"] == sim.state.config.organization_id
+    assert doc["user_id"] == sim.state.config.user_id
+    # PKCE: the simulator checked the verifier against the challenge
+    (exchange,) = sim.state.token_log
+    assert exchange["grant_type"] == "authorization_code"
+    assert "code_verifier" in exchange
+    assert sim.state.code_exchanges == 1
+    tokens = TokenStore(token_file).load()
+    assert tokens is not None
+    assert tokens.access_token not in out + err
+
+
+async def test_no_pkce_sends_neither_challenge_nor_verifier(
+    sim: RunningSim, token_file: Path
+) -> None:
+    login = await LoginProcess.start(proxy_env(sim, token_file), "--no-browser", "--no-pkce")
+    url = await login.authorize_url()
+    assert "code_challenge" not in query_of(url)
+    code, _, err = await login.finish(await consent(url) + "\n")
+    assert code == 0, err
+    (exchange,) = sim.state.token_log
+    assert "code_verifier" not in exchange
+
+
+async def test_a_bare_code_can_be_pasted(sim: RunningSim, token_file: Path) -> None:
+    login = await LoginProcess.start(proxy_env(sim, token_file), "--no-browser")
+    landed = await consent(await login.authorize_url())
+    code, _, err = await login.finish(query_of(landed)["code"][0] + "\n")
+    assert code == 0, err
+    assert TokenStore(token_file).load() is not None
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda url: url.replace("state=", "state=X"), "state does not match"),
+        (lambda url: url.split("&state=")[0], "no state parameter"),
+        (
+            lambda url: (
+                url.split("?")[0] + "?error=access_denied&state=" + query_of(url)["state"][0]
+            ),
+            "declined",
+        ),
+        (
+            lambda url: (
+                url.split("?")[0] + "?error=server_error&state=" + query_of(url)["state"][0]
+            ),
+            "error instead of a code",
+        ),
+        (lambda url: "", "no input"),
+    ],
+    ids=["wrong-state", "missing-state", "access-denied", "other-error", "empty-stdin"],
+)
+async def test_bad_callbacks_are_refused_before_any_code_exchange(
+    sim: RunningSim, token_file: Path, mangle, message: str
+) -> None:
+    login = await LoginProcess.start(proxy_env(sim, token_file), "--no-browser")
+    landed = await consent(await login.authorize_url())
+    code, out, err = await login.finish(mangle(landed) + "\n" if mangle(landed) else "")
+    assert code == 1
+    assert message in err
+    assert "Traceback" not in err
+    assert sim.state.token_requests == 0
+    assert not token_file.exists()
+
+
+async def test_a_code_used_twice_is_refused_and_nothing_written(
+    sim: RunningSim, token_file: Path
+) -> None:
+    first = await LoginProcess.start(proxy_env(sim, token_file), "--no-browser")
+    landed = await consent(await first.authorize_url())
+    # the user pastes the landing URL of this login into a second, newer login: other state
+    second = await LoginProcess.start(proxy_env(sim, token_file), "--no-browser")
+    await second.authorize_url()
+    code, _, err = await second.finish(landed + "\n")
+    assert code == 1
+    assert "state does not match" in err
+    code, _, err = await first.finish(landed + "\n")
+    assert code == 0, err
+    assert sim.state.code_exchanges == 1
+
+
+async def test_loopback_flow_catches_the_redirect(
+    sim: RunningSim, token_file: Path, tmp_path: Path
+) -> None:
+    # A "browser" that follows the redirects like a real one would.
+    browser = tmp_path / "fake-browser"
+    browser.write_text(
+        f"#!{sys.executable}\nimport sys, urllib.request\n"
+        "body = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()\n"
+        "sys.exit(0 if 'Logged in to Close' in body else 1)\n"
+    )
+    browser.chmod(0o700)
+    redirect = f"http://127.0.0.1:{free_port()}/callback/close"
+    env = proxy_env(sim, token_file, CLOSEPROXY_REDIRECT_URI=redirect, BROWSER=str(browser))
+    result = await run_cli_async(env, "login", timeout=40)
+    assert result.returncode == 0, result.stderr
+    assert "waiting for the browser" in result.stderr
+    assert sim.state.config.user_id in result.stdout
+    (exchange,) = sim.state.token_log
+    assert exchange["redirect_uri"] == redirect  # byte-identical to the authorize request
+    assert TokenStore(token_file).load() is not None
+
+
+async def test_loopback_flow_gives_up_after_the_login_timeout(
+    sim: RunningSim, token_file: Path
+) -> None:
+    redirect = f"http://127.0.0.1:{free_port()}/cb"
+    env = proxy_env(sim, token_file, CLOSEPROXY_REDIRECT_URI=redirect)
+    result = await run_cli_async(env, "login", "--login-timeout", "1", timeout=30)
+    assert result.returncode == 1
+    assert "no callback arrived within 1 s" in result.stderr
+    assert AUTHORIZE_LINE in result.stderr  # the user was shown where to go
+    assert not token_file.exists()
+
+
+async def test_loopback_listener_refuses_foreign_callbacks_and_keeps_waiting(
+    sim: RunningSim, token_file: Path
+) -> None:
+    port = free_port()
+    redirect = f"http://127.0.0.1:{port}/cb"
+    env = proxy_env(sim, token_file, CLOSEPROXY_REDIRECT_URI=redirect)
+    login = await LoginProcess.start(env)
+    url = await login.authorize_url()
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(f"{redirect}?code=forged&state=forged") as resp:
+            assert resp.status == 400
+            assert "forged" not in await resp.text()  # nothing reflected
+        async with browser.get(url) as resp:  # the real consent, redirects followed
+            assert resp.status == 200
+            assert "Logged in to Close" in await resp.text()
+            assert resp.headers["Cache-Control"] == "no-store"
+            assert resp.headers["Referrer-Policy"] == "no-referrer"
+    code, _, err = await login.finish()
+    assert code == 0, err
+    assert "refused a callback" in err
+    assert sim.state.code_exchanges == 1
+
+
+async def test_admin_login_through_the_running_proxy(
+    sim: RunningSim, token_file: Path, proxy: Proxy
+) -> None:
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(f"{proxy.url}/admin/login", allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Cache-Control"] == "no-store"
+            authorize = resp.headers["Location"]
+        params = query_of(authorize)
+        assert params["redirect_uri"] == [f"{proxy.url}/admin/callback"]
+        assert params["code_challenge_method"] == ["S256"]
+        callback = await consent(authorize)
+        # Close's redirect is a cross-site navigation; state protects it, not the Origin guard
+        headers = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+        async with browser.get(callback, headers=headers) as resp:
+            page = await resp.text()
+            assert resp.status == 200, page
+            assert resp.headers["Cache-Control"] == "no-store"
+            assert resp.headers["Referrer-Policy"] == "no-referrer"
+            assert resp.headers["Content-Type"].startswith("text/html")
+        for secret in (params["state"][0], query_of(callback)["code"][0]):
+            assert secret not in page
+        async with browser.get(callback) as resp:  # replayed
+            assert resp.status == 400
+            assert "already used" in await resp.text()
+        async with browser.get(f"{proxy.url}/api/v1/me/") as resp:
+            assert resp.status == 200
+    assert sim.state.code_exchanges == 1
+    assert sim.state.token_requests == 1
+
+
+async def test_admin_callback_refuses_unknown_state_and_access_denied(
+    sim: RunningSim, token_file: Path, proxy: Proxy
+) -> None:
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(
+            f"{proxy.url}/admin/callback?code=abc&state=<script>alert(1)</script>"
+        ) as resp:
+            assert resp.status == 400
+            assert "<script>" not in await resp.text()
+        async with browser.get(f"{proxy.url}/admin/login", allow_redirects=False) as resp:
+            state = query_of(resp.headers["Location"])["state"][0]
+        async with browser.get(
+            f"{proxy.url}/admin/callback?error=access_denied&state={state}"
+        ) as resp:
+            assert resp.status == 400
+            assert "declined" in await resp.text()
+    assert sim.state.token_requests == 0
+    assert not token_file.exists()
