@@ -198,6 +198,8 @@ def _choice(name: str, choices: frozenset[str]) -> Parser:
 
 def _seconds(name: str, *, positive: bool) -> Parser:
     def parse(raw: Any, origin: Origin) -> float:
+        if isinstance(raw, bool):
+            raise _fail(origin, f"expected a number of seconds, got {raw!r}", name)
         try:
             value = float(raw)
         except (TypeError, ValueError):
@@ -263,7 +265,10 @@ def _url(name: str) -> Parser:
 def _redirect_uri(raw: Any, origin: Origin) -> str:
     # Kept as the exact string: Close compares it byte for byte with the registered one.
     text = str(raw).strip()
-    url = URL(text)
+    try:
+        url = URL(text)
+    except ValueError:
+        raise _fail(origin, f"expected an http(s) URL, got {raw!r}", "redirect_uri") from None
     if url.scheme not in {"http", "https"} or not url.host:
         raise _fail(origin, f"expected an http(s) URL, got {raw!r}", "redirect_uri")
     return text

@@ -109,7 +109,7 @@ class TokenSet:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if data.get("version") != FILE_VERSION:
-            raise ValueError(f"unsupported version {data.get('version')!r}")
+            raise ValueError(f"it is not version {FILE_VERSION}")
         access = data.get("access_token")
         if not isinstance(access, str) or not access:
             raise ValueError("no access_token")
@@ -282,7 +282,7 @@ class TokenStore:
                     if time.monotonic() >= deadline:
                         raise TokenStoreError(
                             f"another closeproxy process has held {self.lock_path} for over "
-                            f"{wait:.0f} s: check for a stuck process"
+                            f"{wait:g} s: check for a stuck process"
                         ) from None
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.05)

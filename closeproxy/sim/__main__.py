@@ -1,0 +1,79 @@
+"""``python -m closeproxy.sim``: run the simulator standalone until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from closeproxy.sim.app import SimConfig, run_sim
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = SimConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m closeproxy.sim",
+        description="Run the Close simulator (OAuth endpoints and /api/v1/) on one port.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one")
+    parser.add_argument(
+        "--token-lifetime",
+        type=float,
+        default=defaults.token_lifetime,
+        help="seconds an access token stays valid (expires_in)",
+    )
+    parser.add_argument("--client-id", default=defaults.client_id, help="OAuth client id")
+    parser.add_argument(
+        "--client-secret", default=defaults.client_secret, help="OAuth client secret"
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=None,
+        help="requests per window on /api/v1/ before 429; off when not given",
+    )
+    parser.add_argument(
+        "--rate-window", type=float, default=defaults.rate_window, help="rate limit window, seconds"
+    )
+    parser.add_argument(
+        "--no-auto-consent",
+        dest="auto_consent",
+        action="store_false",
+        help="show a consent page instead of redirecting at once",
+    )
+    return parser
+
+
+async def _serve(config: SimConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with run_sim(config, host, port) as sim:
+        print(f"simulator listening on {sim.url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = SimConfig(
+        client_id=args.client_id,
+        client_secret=args.client_secret,
+        token_lifetime=args.token_lifetime,
+        auto_consent=args.auto_consent,
+        rate_limit=args.rate_limit,
+        rate_window=args.rate_window,
+    )
+    try:
+        asyncio.run(_serve(config, args.host, args.port))
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
