@@ -75,7 +75,11 @@ async def _services(
         api_url=str(settings.api_url),
     )
     forwarder = Forwarder(
-        session, provider, api_url=settings.api_url, upstream_timeout=settings.upstream_timeout
+        session,
+        provider,
+        api_url=settings.api_url,
+        upstream_timeout=settings.upstream_timeout,
+        max_body_size=settings.max_body_size,
     )
     app[SERVICES] = Services(settings, session, store, provider, forwarder)
     try:

@@ -101,21 +101,26 @@ class Guard:
 
     def check(self, request: web.Request) -> web.StreamResponse | None:
         """The refusal for this request, or None to let it through."""
+        method = request.method
+        headers = request.headers
+        if method in REFUSED_METHODS or "Upgrade" in headers:
+            refusal = (
+                error_response(
+                    405, "method_not_allowed", f"{method} is not supported by closeproxy"
+                )
+                if method in REFUSED_METHODS
+                else error_response(
+                    400,
+                    "upgrade_not_supported",
+                    "protocol upgrades (WebSocket, h2c) are not supported: use plain HTTP/1.1",
+                )
+            )
+            # The client may already be sending tunnel bytes: end the connection with it.
+            refusal.force_close()
+            return refusal
         problem = check_target(request.raw_path)
         if problem is not None:
             return error_response(400, "bad_path", problem)
-        method = request.method
-        if method in REFUSED_METHODS:
-            return error_response(
-                405, "method_not_allowed", f"{method} is not supported by closeproxy"
-            )
-        headers = request.headers
-        if "Upgrade" in headers:
-            return error_response(
-                400,
-                "upgrade_not_supported",
-                "protocol upgrades (WebSocket, h2c) are not supported: use plain HTTP/1.1",
-            )
         hosts = headers.getall("Host", ())
         name = host_name(hosts[0]) if len(hosts) == 1 else None
         if name is None or name not in self.allowed_hosts:

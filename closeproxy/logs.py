@@ -128,6 +128,9 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = request.raw_path
+        if path.startswith("/admin/") and "?" in path:
+            # The login callback's query is a one-time code and its state: not for any log.
+            path = path.partition("?")[0] + "?" + REDACTED
         self.logger.info(
             '%s "%s %s" %d %d %.1fms rid=%s',
             request.remote,

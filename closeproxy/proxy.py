@@ -101,22 +101,31 @@ class UpstreamFailed(Exception):
         self.code = code
 
 
+class BodyTooLarge(Exception):
+    """The client's body is larger than --max-body-size allows."""
+
+
 class RequestBody:
     """The client's body: kept in memory when small enough to replay, else streamed once."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, limit: int | None) -> None:
         self._request = request
+        self._limit = limit
+        self._size = 0
+        self.too_large = False
         self.buffered: bytes | None = None
         self._prefix = b""
         self._streamed = False
 
     @classmethod
-    async def read(cls, request: web.Request) -> RequestBody:
-        body = cls(request)
+    async def read(cls, request: web.Request, limit: int | None) -> RequestBody:
+        body = cls(request, limit)
         if not request.body_exists:
             body.buffered = b""
             return body
         length = request.content_length
+        if limit is not None and length is not None and length > limit:
+            raise BodyTooLarge()
         if length is not None and length > REPLAY_LIMIT:
             return body
         # Unknown (chunked) or small: read up to the limit; EOF before it means replayable.
@@ -128,10 +137,17 @@ class RequestBody:
             if not chunk:
                 body.buffered = b"".join(chunks)
                 return body
+            body._count(chunk)
             chunks.append(chunk)
             size += len(chunk)
         body._prefix = b"".join(chunks)
         return body
+
+    def _count(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._limit is not None and self._size > self._limit:
+            self.too_large = True
+            raise BodyTooLarge()
 
     @property
     def replayable(self) -> bool:
@@ -151,6 +167,7 @@ class RequestBody:
             self._prefix = b""
         content = self._request.content
         while chunk := await content.readany():
+            self._count(chunk)
             yield chunk
 
 
@@ -164,6 +181,7 @@ class Forwarder:
         *,
         api_url: URL,
         upstream_timeout: float,
+        max_body_size: int | None = None,
     ) -> None:
         self._session = session
         self._provider = provider
@@ -173,6 +191,7 @@ class Forwarder:
             total=None, connect=upstream_timeout, sock_read=upstream_timeout
         )
         self._upstream_timeout = upstream_timeout
+        self._max_body_size = max_body_size
         self.counters = ForwardCounters()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -184,14 +203,23 @@ class Forwarder:
         except UpstreamFailed as exc:
             self.counters.upstream_errors += 1
             return error_response(exc.status, exc.code, str(exc))
+        except BodyTooLarge:
+            return error_response(
+                413,
+                "body_too_large",
+                f"the request body is larger than {self._max_body_size} bytes, the limit set "
+                "with --max-body-size",
+                headers={"Connection": "close"},
+            )
         try:
             return await self._relay(request, upstream)
         finally:
             upstream.release()
 
     async def _send_with_auth(self, request: web.Request) -> aiohttp.ClientResponse:
-        body = await RequestBody.read(request)
+        # The token first: a client that is not logged in learns it before uploading.
         tokens = await self._provider.current()
+        body = await RequestBody.read(request, self._max_body_size)
         upstream = await self._send_once(request, body, tokens.access_token)
         if upstream.status != 401 or not body.replayable:
             return upstream
@@ -228,6 +256,8 @@ class Forwarder:
                 "raise --upstream-timeout for slow calls",
             ) from None
         except aiohttp.ClientError as exc:
+            if body.too_large:
+                raise BodyTooLarge() from None
             if request.transport is None or request.transport.is_closing():
                 # The client went away mid-upload; the answer is for the log only.
                 raise UpstreamFailed(

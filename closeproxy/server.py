@@ -11,6 +11,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -82,6 +83,8 @@ async def running(
         yield where
     finally:
         await runner.cleanup()
+        if settings.unix_socket is not None:
+            _remove_own_socket(settings.unix_socket)
 
 
 async def _start_private_socket(site: web.BaseSite, path: str) -> None:
@@ -123,6 +126,12 @@ def _remove_stale_socket(path: str) -> None:
         f"unix socket {path} is in use by another process: stop it or choose another path",
         setting="unix_socket",
     )
+
+
+def _remove_own_socket(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def _bound_port(addresses: list[object], wanted: int) -> int:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from helpers import FAST_BACKOFF, Proxy, ProxyFactory, ServeProcess, make_settings
 
 from closeproxy.server import running
-from closeproxy.sim import RunningSim, SimConfig, run_sim
+from closeproxy.services import SERVICES
+from closeproxy.sim import RunningSim, SimConfig, SimState, run_sim
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +33,91 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 async def sim() -> AsyncIterator[RunningSim]:
     async with run_sim(SimConfig()) as running_sim:
+        AUDIT.sims.append(running_sim.state)
         yield running_sim
+
+
+class SecretAudit(logging.Handler):
+    """Keeps every log line and every body closeproxy served, to search them for secrets."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.bodies: list[bytes] = []
+        self.sims: list[SimState] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        self.lines.append(text)
+
+    def findings(self, secrets: set[str]) -> list[str]:
+        logs = "\n".join(self.lines)
+        found = []
+        for secret in secrets:
+            where = [
+                name
+                for name, hit in (
+                    ("a log line", secret in logs),
+                    ("a response body", any(secret.encode() in body for body in self.bodies)),
+                )
+                if hit
+            ]
+            if where:
+                found.append(f"{secret[:10]}… in {' and '.join(where)}")
+        return found
+
+
+AUDIT = SecretAudit()
+# Bodies of closeproxy's own responses, kept while small enough to search.
+_AUDIT_BODY_LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secret_audit() -> Iterator[None]:
+    """The whole suite runs with debug logging; afterwards no log line and no response
+    body of the proxy may contain a token, code or client secret any simulator issued."""
+    loggers = [logging.getLogger(name) for name in ("closeproxy", "aiohttp")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(AUDIT)
+    original_write = web.StreamResponse.write
+    original_eof = web.StreamResponse.write_eof
+
+    def served_by_proxy(response: web.StreamResponse) -> bool:
+        request = getattr(response, "_req", None)
+        if getattr(request, "_match_info", None) is None:
+            return False  # refused by the HTTP parser before any app saw it
+        return SERVICES in request.app  # type: ignore[union-attr]
+
+    async def write(self: web.StreamResponse, data: Any) -> None:
+        if served_by_proxy(self) and len(data) <= _AUDIT_BODY_LIMIT:
+            AUDIT.bodies.append(bytes(data))
+        await original_write(self, data)
+
+    async def write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
+        if data and served_by_proxy(self):
+            AUDIT.bodies.append(bytes(data))
+        await original_eof(self, data)
+
+    web.StreamResponse.write = write  # type: ignore[method-assign]
+    web.StreamResponse.write_eof = write_eof  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        web.StreamResponse.write = original_write  # type: ignore[method-assign]
+        web.StreamResponse.write_eof = original_eof  # type: ignore[method-assign]
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+            logger.removeHandler(AUDIT)
+    secrets = {s for state in AUDIT.sims for s in state.issued_secrets() if len(s) >= 8}
+    assert AUDIT.sims, "no simulator ran, so the audit checked nothing"
+    assert len(AUDIT.lines) > 100, "debug logging captured almost nothing"
+    assert AUDIT.bodies, "no proxy response body was captured"
+    findings = AUDIT.findings(secrets)
+    assert not findings, f"secrets leaked: {findings}"
 
 
 @pytest.fixture

@@ -222,7 +222,10 @@ async def run_cli_async(
 ) -> CliResult:
     """Run `closeproxy ARGS` without blocking the loop (an in-process simulator answers)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "closeproxy", *args,
+        sys.executable,
+        "-m",
+        "closeproxy",
+        *args,
         env=cli_env(env),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from helpers import cli_env, proxy_env, seed_tokens, start_serve
+from helpers import ServeProcess, cli_env, proxy_env, seed_tokens, start_serve
 
 from closeproxy.sim import RunningSim
 from closeproxy.store import TokenStore
@@ -53,7 +53,7 @@ async def _load(
 
 
 async def test_two_servers_and_a_refresh_loop_never_spend_a_refresh_token_twice(
-    sim: RunningSim, token_file: Path, serve_processes: list
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
 ) -> None:
     sim.state.config.token_lifetime = LIFETIME
     seed_tokens(sim, token_file, expires_in=LIFETIME)

@@ -66,7 +66,7 @@ async def test_refresh_rejected_with_invalid_grant_means_login_required_and_no_h
     sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
 ) -> None:
     old = seed_tokens(sim, token_file, expires_in=-10)
-    sim.state.revoke(old.refresh_token)
+    sim.state.revoke(str(old.refresh_token))
     for _ in range(5):
         status, body = await get_me(client, proxy)
         assert status == 401
@@ -160,7 +160,7 @@ async def test_status_shows_a_rejected_grant(
     sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
 ) -> None:
     old = seed_tokens(sim, token_file, expires_in=-10)
-    sim.state.revoke(old.refresh_token)
+    sim.state.revoke(str(old.refresh_token))
     await get_me(client, proxy)
     async with client.get(f"{proxy.url}/admin/status") as resp:
         status = json.loads(await resp.text())

@@ -24,8 +24,10 @@ EXPORT_BATCH: int = 64 * 1024
 @functools.cache
 def _pattern_buffer() -> memoryview:
     pattern = hashlib.shake_256(b"closeproxy.sim download").digest(PATTERN_PERIOD)
-    # The tail repeats the head so any chunk up to MAX_CHUNK is one contiguous slice.
-    return memoryview(pattern + pattern[:MAX_CHUNK])
+    # Enough repeats that any chunk up to MAX_CHUNK, from any offset in the period, is one
+    # contiguous slice (the period is shorter than MAX_CHUNK).
+    repeats = MAX_CHUNK // PATTERN_PERIOD + 2
+    return memoryview(pattern * repeats)
 
 
 def download_chunks(total: int, chunk: int = DEFAULT_CHUNK) -> Iterator[memoryview]:

@@ -267,6 +267,10 @@ class SimState:
         """Start a new token family, as a fresh login would, and return Close's token reply."""
         return self._token_reply(_Family())
 
+    def issued_secrets(self) -> set[str]:
+        """Every token and code this simulator handed out, and the client secret."""
+        return {*self._access, *self._refresh, *self._codes, self.config.client_secret}
+
     def expire_access_token(self, token: str) -> None:
         """Make an access token invalid as if its time ran out; KeyError if unknown."""
         self._access[token].expires_at = -math.inf
