@@ -316,9 +316,8 @@ def pattern_chunks(total: int, chunk: int) -> Iterator[memoryview]:
 
     Byte i is ``shake_256(b"closeproxy.sim download")[i % PATTERN_PERIOD]`` (see
     closeproxy.sim.payloads). Built independently so that a bug in the simulator's own
-    generator shows up as a mismatch instead of being agreed with: its
-    ``download_sha256`` is wrong for bodies over 22,000,066 bytes, because its pattern
-    buffer's tail (``pattern[:MAX_CHUNK]``) is cut short by PATTERN_PERIOD < MAX_CHUNK.
+    generator shows up as a mismatch instead of being agreed with (this is how a short
+    pattern buffer, since fixed, was found: it broke bodies over 22,000,066 bytes).
     """
     period = payloads.PATTERN_PERIOD
     pattern = hashlib.shake_256(PATTERN_SEED).digest(period)

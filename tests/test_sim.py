@@ -854,3 +854,27 @@ async def test_standalone_process_serves_and_exits_on_sigterm():
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_download_is_exact_past_the_pattern_period_with_the_largest_chunk(sim, session):
+    """Bodies longer than the pattern period, sent in the largest chunks, stay exact."""
+    total = 25_000_000
+    pattern = hashlib.shake_256(b"closeproxy.sim download").digest(1_000_003)
+    expected = hashlib.sha256()
+    for start in range(0, total, 1_000_003):
+        expected.update(pattern[: min(1_000_003, total - start)])
+    digest = hashlib.sha256()
+    size = 0
+    token = sim.state.issue_tokens()["access_token"]
+    async with session.get(
+        f"{sim.url}/api/v1/_sim/download",
+        params={"bytes": str(total), "chunk": "1048576"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=aiohttp.ClientTimeout(total=30),
+    ) as resp:
+        assert resp.headers["Content-Length"] == str(total)
+        async for piece in resp.content.iter_any():
+            digest.update(piece)
+            size += len(piece)
+    assert size == total
+    assert digest.hexdigest() == expected.hexdigest() == download_sha256(total)
