@@ -121,7 +121,7 @@ def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 0
 
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(_quiet_level(settings), settings.log_format)
     return asyncio.run(run())
 
 
@@ -206,7 +206,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         print(tokens.access_token)
         return 0
 
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(_quiet_level(settings), settings.log_format)
     return asyncio.run(run())
 
 
