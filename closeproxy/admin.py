@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from yarl import URL
 
 from . import __version__
 from .errors import CloseProxyError, ServiceError
@@ -88,6 +89,16 @@ async def admin_login(request: web.Request) -> web.StreamResponse:
             "CLOSEPROXY_CLIENT_SECRET) and restart closeproxy.",
         )
     redirect_uri = services.settings.redirect_uri or f"http://{request.host}{CALLBACK_PATH}"
+    if URL(redirect_uri).path != CALLBACK_PATH:
+        # Close would send the browser elsewhere, and this proxy would never see the code.
+        return callback_page(
+            409,
+            "Use closeproxy login",
+            f"The configured redirect URI ({redirect_uri}) does not lead back to this proxy's "
+            f"{CALLBACK_PATH}, so browser login through the proxy cannot finish. Run "
+            "`closeproxy login` in a terminal: it lets you paste the address the browser "
+            "lands on.",
+        )
     pending = start_login(services.settings, redirect_uri=redirect_uri)
     services.pending.add(pending)
     return web.Response(status=302, headers={"Location": pending.url, **PAGE_HEADERS})

@@ -128,7 +128,7 @@ def create_app(
 ) -> web.Application:
     for secret in (settings.client_secret, settings.proxy_key):
         if secret is not None:
-            register_secret(secret.reveal())
+            register_secret(secret.reveal(), permanent=True)
     guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
     app = web.Application(middlewares=[_front_middleware(guard)])
     app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff)))

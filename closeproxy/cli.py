@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +41,43 @@ COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
 ALIASES: dict[str, str] = {"logout": "revoke"}
 
 Command = Callable[[Settings, argparse.Namespace], int]
+
+
+class Stopped(Exception):
+    """A command was stopped by a signal after cleaning up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _run_until_signal(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run, where SIGTERM and SIGHUP end the command the way Ctrl-C does.
+
+    The main task is cancelled, so a refresh already sent to Close still finishes and
+    saves the new refresh token before the process exits.
+    """
+    received: list[int] = []
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, _cancel, task, signum, received)
+        return await main
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if received:
+            raise Stopped(received[0]) from None
+        raise
+
+
+def _cancel(task: asyncio.Task[int], signum: int, received: list[int]) -> None:
+    received.append(signum)
+    task.cancel()
 
 
 def _print_ready(where: Listening) -> None:
@@ -122,7 +160,7 @@ def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     setup_logging(_quiet_level(settings), settings.log_format)
-    return asyncio.run(run())
+    return _run_until_signal(run())
 
 
 def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
@@ -149,7 +187,7 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     setup_logging(_quiet_level(settings), settings.log_format)
-    return asyncio.run(run())
+    return _run_until_signal(run())
 
 
 def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
@@ -166,7 +204,7 @@ def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     setup_logging(_quiet_level(settings), settings.log_format)
-    return asyncio.run(run())
+    return _run_until_signal(run())
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -207,7 +245,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     setup_logging(_quiet_level(settings), settings.log_format)
-    return asyncio.run(run())
+    return _run_until_signal(run())
 
 
 COMMANDS: dict[str, tuple[Command, str, str]] = {
@@ -353,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"closeproxy {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"closeproxy {args.command}: stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
         # A bug. The details go to the debug log (redacted); the terminal gets one line.
         logging.getLogger("closeproxy").debug("unexpected error", exc_info=True)

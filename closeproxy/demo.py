@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -18,7 +17,7 @@ from yarl import URL
 
 from .config import Secret, Settings
 from .errors import CloseProxyError, ConfigError
-from .server import Listening, running
+from .server import STOP_SIGNALS, Listening, running
 from .sim import SimConfig, run_sim
 
 DEMO_TOKEN_LIFETIME = 60.0
@@ -60,7 +59,7 @@ async def demo(
     """Run until Ctrl-C (or `exit_after` seconds); the token file lives in a temp dir."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
         with tempfile.TemporaryDirectory(prefix="closeproxy-demo-") as tmp:
@@ -90,7 +89,7 @@ async def demo(
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), exit_after)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
     return 0
 

@@ -5,6 +5,7 @@
     ├── LoginFailed                  the authorization-code login did not complete
     └── ServiceError                 also answered over HTTP as {"error", "closeproxy_error"}
         ├── LoginRequired            401 login_required: no usable grant, log in again
+        │   └── GrantMismatch        the grant belongs to another API base (exit 2)
         ├── TokenServiceUnavailable  503 token_service_unavailable: Close's token endpoint
         │                            is unreachable or failing; stored tokens are kept
         ├── TokenRequestRejected     502 token_request_rejected: Close refused the client
@@ -53,6 +54,12 @@ class LoginRequired(ServiceError):
 
     status = 401
     code = "login_required"
+
+
+class GrantMismatch(LoginRequired):
+    """The stored grant was issued by another API base than the one configured."""
+
+    exit_code = 2
 
 
 class TokenServiceUnavailable(ServiceError):

@@ -26,8 +26,10 @@ REFUSED_METHODS: frozenset[str] = frozenset({"CONNECT", "TRACE", "TRACK"})
 CALLBACK_PATH = "/admin/callback"
 KEYLESS_PATHS: frozenset[str] = frozenset({"/healthz", CALLBACK_PATH})
 CROSS_SITE: frozenset[str] = frozenset({"cross-site", "same-site"})
-# Visible ASCII only, and every % starts a valid escape.
-_TARGET_OK = re.compile(r"(?:[!-$&-\[\]-~]|%[0-9A-Fa-f]{2})*")
+# Paths: visible ASCII without backslash, and every % starts a valid escape. Queries
+# reach Close as sent (a literal `50%` included), so they only need to be visible ASCII.
+_PATH_OK = re.compile(r"(?:[!-$&-\[\]-~]|%[0-9A-Fa-f]{2})*")
+_QUERY_OK = re.compile(r"[!-~]*")
 _HOST_RE = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?")
 _DECODE_ROUNDS = 3
 
@@ -39,12 +41,14 @@ def check_target(raw_target: str) -> str | None:
             "only origin-form request targets like /api/v1/me/ are accepted; "
             "this is a reverse proxy, not a forward proxy"
         )
-    if not _TARGET_OK.fullmatch(raw_target):
+    path, _, query = raw_target.partition("?")
+    if not _PATH_OK.fullmatch(path):
         return (
-            "the request target has spaces, control or non-ASCII characters, backslashes or a "
-            "stray %: percent-encode them"
+            "the path has spaces, control or non-ASCII characters, backslashes or a stray %: "
+            "percent-encode them"
         )
-    path = raw_target.partition("?")[0]
+    if not _QUERY_OK.fullmatch(query):
+        return "the query has spaces, control or non-ASCII characters: percent-encode them"
     # Decode a few times so double-encoded dots (%252e) cannot smuggle a `..` either.
     for _ in range(_DECODE_ROUNDS):
         if any(segment in {".", ".."} for segment in path.split("/")):

@@ -21,11 +21,15 @@ from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "[secure]"
 REQUEST_ID = web.RequestKey("request_id", str)
 _MAX_SECRETS = 64
+# Rotating tokens: the newest few. Long-lived secrets (client secret, proxy key) are
+# kept apart so that no number of refreshes can push them out.
 _secrets: deque[str] = deque(maxlen=_MAX_SECRETS)
+_permanent: set[str] = set()
 _secrets_lock = threading.Lock()
 # Credentials in the shapes they travel in, even ones this process never registered
 # (the login callback's code and state included).
@@ -45,18 +49,20 @@ _EXTRA_FIELDS: tuple[str, ...] = (
 )
 
 
-def register_secret(value: str | None) -> None:
+def register_secret(value: str | None, *, permanent: bool = False) -> None:
     """Make sure `value` is never written by any log handler of this process."""
     if not value or len(value) < 4:
         return
     with _secrets_lock:
-        if value not in _secrets:
+        if permanent:
+            _permanent.add(value)
+        elif value not in _secrets:
             _secrets.append(value)
 
 
 def redact(text: str) -> str:
     with _secrets_lock:
-        known = tuple(_secrets)
+        known = (*_permanent, *_secrets)
     for secret in known:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -93,6 +99,19 @@ class JsonFormatter(logging.Formatter):
 _listener: logging.handlers.QueueListener | None = None
 
 
+def quiet_client_errors(record: logging.LogRecord) -> bool:
+    """A malformed request is the client's problem: one debug line, not an error with a
+    traceback, so that no local client can flood the log. Its details stay out: a
+    too-long header line would quote the header, credentials and all."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError):
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    record.msg, record.args = "refused a malformed request (%s)", (type(exc).__name__,)
+    record.exc_info = record.exc_text = None
+    return logging.getLogger("closeproxy").isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Route the closeproxy and aiohttp loggers through one queue to `stream`."""
     global _listener
@@ -111,6 +130,9 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     # aiohttp's own chatter is only interesting when debugging; its errors always are.
     logging.getLogger("aiohttp").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    server_log = logging.getLogger("aiohttp.server")
+    if quiet_client_errors not in server_log.filters:
+        server_log.addFilter(quiet_client_errors)
     root.setLevel(numeric)
     atexit.register(stop_logging)
 

@@ -37,6 +37,10 @@ AUTHORIZE_PATH = "/oauth2/authorize/"
 DEFAULT_BACKOFF: tuple[float, ...] = (0.5, 1.5)
 ATTEMPT_TIMEOUT = 15.0
 MAX_RETRY_AFTER = 5.0
+DEFAULT_EXPIRES_IN = 3600
+# Revoking is best effort after the local wipe: one quick retry, then say so.
+REVOKE_BACKOFF: tuple[float, ...] = (0.5,)
+REVOKE_TIMEOUT = 10.0
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -55,22 +59,35 @@ class EndpointReply:
 
 
 def parse_token_reply(body: Any) -> dict[str, Any]:
-    """Check a successful token reply has what we need; raise ValueError if not."""
+    """The usable parts of a successful token reply; ValueError only if there is no token.
+
+    Lenient on purpose: by the time a 200 arrives Close has rotated the refresh token, so
+    refusing the reply over a quirk (a string expires_in, an odd token_type) would throw
+    the only copy of the new refresh token away.
+    """
     if not isinstance(body, dict):
         raise ValueError("the reply is not a JSON object")
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise ValueError("the reply has no access_token")
+    reply = dict(body)
+    try:
+        expires_in = float(body.get("expires_in", DEFAULT_EXPIRES_IN))
+    except (TypeError, ValueError):
+        expires_in = 0.0
+    if isinstance(body.get("expires_in"), bool) or not 0 < expires_in < float("inf"):
+        log.warning("token reply has an unusable expires_in; assuming %d s", DEFAULT_EXPIRES_IN)
+        expires_in = DEFAULT_EXPIRES_IN
+    reply["expires_in"] = expires_in
+    refresh = body.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        log.warning("token reply has an unusable refresh_token; keeping the previous one")
+        reply.pop("refresh_token")
     token_type = body.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise ValueError(f"unsupported token_type {token_type!r}")
-    expires_in = body.get("expires_in", 3600)
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
-        raise ValueError(f"expires_in is not a positive number: {expires_in!r}")
-    refresh = body.get("refresh_token")
-    if refresh is not None and not isinstance(refresh, str):
-        raise ValueError("refresh_token is not a string")
-    return body
+        log.warning("token reply has token_type %r; sending it as Bearer", token_type)
+        reply["token_type"] = "Bearer"  # noqa: S105 - a scheme name, not a password
+    return reply
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -129,6 +146,7 @@ class OAuthClient:
             TOKEN_PATH,
             {"grant_type": "refresh_token", "refresh_token": refresh_token},
             what="refresh the access token",
+            hint="the stored tokens are kept; try again when Close is reachable",
         )
         if reply.status == 200:
             return self._token_body(reply, "refresh")
@@ -149,7 +167,12 @@ class OAuthClient:
         if code_verifier is not None:
             form["code_verifier"] = code_verifier
         try:
-            reply = await self._post(TOKEN_PATH, form, what="exchange the authorization code")
+            reply = await self._post(
+                TOKEN_PATH,
+                form,
+                what="exchange the authorization code",
+                hint="nothing was stored; run `closeproxy login` again when Close is reachable",
+            )
         except TokenServiceUnavailable as exc:
             raise LoginFailed(str(exc)) from None
         if reply.status == 200:
@@ -167,7 +190,13 @@ class OAuthClient:
 
     async def revoke(self, token: str) -> None:
         """Revoke a token at Close; any 2xx counts (RFC 7009 says unknown tokens are fine)."""
-        reply = await self._post(REVOKE_PATH, {"token": token}, what="revoke the grant")
+        reply = await self._post(
+            REVOKE_PATH,
+            {"token": token},
+            what="revoke the grant",
+            backoff=REVOKE_BACKOFF,
+            attempt_timeout=aiohttp.ClientTimeout(total=REVOKE_TIMEOUT),
+        )
         if not 200 <= reply.status < 300:
             raise self._rejected(reply, "revoke the grant")
 
@@ -190,25 +219,35 @@ class OAuthClient:
         )
         return TokenRequestRejected(f"Close refused to {what} ({reply.error}): {hint}")
 
-    async def _post(self, path: str, fields: Mapping[str, str], *, what: str) -> EndpointReply:
+    async def _post(
+        self,
+        path: str,
+        fields: Mapping[str, str],
+        *,
+        what: str,
+        hint: str = "",
+        backoff: Sequence[float] | None = None,
+        attempt_timeout: aiohttp.ClientTimeout | None = None,
+    ) -> EndpointReply:
         url = self._endpoint(path)
         form = {
             "client_id": self._client_id,
             "client_secret": self._client_secret.reveal(),
             **fields,
         }
-        attempts = len(self._backoff) + 1
+        backoff = self._backoff if backoff is None else tuple(backoff)
+        attempts = len(backoff) + 1
         reason = ""
         for attempt in range(attempts):
             if attempt:
-                await asyncio.sleep(self._backoff[attempt - 1])
+                await asyncio.sleep(backoff[attempt - 1])
             try:
                 async with self._session.post(
                     url,
                     # Explicit: the shared session is told never to add a Content-Type.
                     data=urlencode(form).encode("ascii"),
                     headers={"Accept": "application/json", "Content-Type": FORM_TYPE},
-                    timeout=self._timeout,
+                    timeout=attempt_timeout or self._timeout,
                     allow_redirects=False,
                 ) as resp:
                     raw = await resp.read()
@@ -216,9 +255,7 @@ class OAuthClient:
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = _describe(exc)
-                log.warning(
-                    "token endpoint attempt %d/%d failed: %s", attempt + 1, attempts, reason
-                )
+                log.warning("%s attempt %d/%d failed: %s", path, attempt + 1, attempts, reason)
                 continue
             try:
                 body: Any = json.loads(raw) if raw else None
@@ -227,16 +264,14 @@ class OAuthClient:
             reply = EndpointReply(status, body)
             if status >= 500 or status == 429:
                 reason = f"HTTP {status}"
-                log.warning(
-                    "token endpoint attempt %d/%d answered %s", attempt + 1, attempts, reason
-                )
+                log.warning("%s attempt %d/%d answered %s", path, attempt + 1, attempts, reason)
                 if status == 429 and attempt + 1 < attempts:
                     await asyncio.sleep(_retry_after(retry_after))
                 continue
             return reply
         raise TokenServiceUnavailable(
-            f"could not {what}: Close's token endpoint {url} failed {attempts} times "
-            f"({reason}); the stored tokens are kept, try again when Close is reachable"
+            f"could not {what}: {url} failed {attempts} time{'s' if attempts > 1 else ''} "
+            f"({reason})" + (f"; {hint}" if hint else "")
         )
 
 

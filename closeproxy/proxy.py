@@ -61,8 +61,10 @@ REQUEST_DROP: frozenset[str] = HOP_BY_HOP | frozenset(
         "x-real-ip",
     }
 )
-# Never relayed back: Close's cookies belong to no client of the proxy.
+# Never relayed back: Close's cookies belong to no client of the proxy, and no CORS
+# header may ever invite a web page in (whatever the upstream says).
 RESPONSE_DROP: frozenset[str] = HOP_BY_HOP | frozenset({"set-cookie", "set-cookie2"})
+CORS_PREFIX = "access-control-"
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -279,14 +281,20 @@ class Forwarder:
             headers=self._response_headers(request, upstream.headers),
         )
         await out.prepare(request)
+        sent = 0
         try:
             async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
+                try:
+                    await out.write(chunk)
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    log.debug("client went away after %d body bytes", sent)
+                    return out
+                sent += len(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The head is gone already: cut the connection so the client sees a
             # truncated body instead of a short one that looks complete.
             self.counters.upstream_errors += 1
-            log.warning("upstream body failed after %d bytes: %s", out.body_length, _reason(exc))
+            log.warning("Close's response body failed after %d bytes: %s", sent, _reason(exc))
             if request.transport is not None:
                 request.transport.abort()
             return out
@@ -298,7 +306,9 @@ class Forwarder:
     ) -> CIMultiDict[str]:
         drop = RESPONSE_DROP | _connection_tokens(incoming)
         out: CIMultiDict[str] = CIMultiDict(
-            (name, value) for name, value in incoming.items() if name.lower() not in drop
+            (name, value)
+            for name, value in incoming.items()
+            if name.lower() not in drop and not name.lower().startswith(CORS_PREFIX)
         )
         location = out.get("Location")
         if location is not None and location.startswith(self._api_prefix):

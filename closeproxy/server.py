@@ -23,6 +23,8 @@ from .oauth import DEFAULT_BACKOFF
 
 log = logging.getLogger("closeproxy.server")
 
+# A terminal closing (SIGHUP) stops the proxy as cleanly as Ctrl-C or `kill`.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Bounded so a stuck client cannot hold shutdown (and a token write) forever.
 DRAIN_SECONDS = 30.0
 MAX_REQUEST_LINE = 16 * 1024
@@ -147,10 +149,10 @@ async def serve(
     on_ready: Callable[[Listening], None],
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or `stop`), then drain in-flight requests."""
+    """Serve until SIGINT, SIGTERM or SIGHUP (or `stop`), then drain in-flight requests."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with running(settings) as where:
@@ -159,5 +161,5 @@ async def serve(
             await stop.wait()
             log.info("stopping: draining in-flight requests (at most %.0f s)", DRAIN_SECONDS)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)

@@ -75,11 +75,20 @@ async def _via_loopback(
     assert pending.redirect_uri is not None
     target = URL(pending.redirect_uri)
     done: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+    claimed = False
 
     async def callback(request: web.Request) -> web.StreamResponse:
-        if request.path != (target.path or "/") or done.done():
+        nonlocal claimed
+        if request.path != (target.path or "/"):
             return callback_page(404, "Not found", "This address only takes the login callback.")
         received = Callback.from_query(parse_qs(request.query_string, keep_blank_values=True))
+        if claimed:
+            # A reload or a second tab: the state is spent the moment the first one came.
+            return callback_page(
+                400,
+                "Login link already used",
+                "This login has already been completed or refused; see the terminal.",
+            )
         if received.state != pending.state:
             # Not ours (stale tab, another login, a forged link): refuse, keep waiting.
             print(
@@ -93,6 +102,7 @@ async def _via_loopback(
                 "This callback does not belong to the login that is waiting. Start again with "
                 "`closeproxy login`.",
             )
+        claimed = True  # before any await: a second callback must not exchange the code too
         try:
             code = check_callback(pending, received)
             tokens = await finish_login(oauth, store, pending, code)

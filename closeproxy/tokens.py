@@ -11,11 +11,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import LoginRequired, ServiceError, TokenRequestRejected
+from .errors import (
+    GrantMismatch,
+    LoginRequired,
+    ServiceError,
+    TokenRequestRejected,
+    TokenStoreError,
+)
 from .logs import register_secret
 from .oauth import OAuthClient
 from .store import Fingerprint, TokenSet, TokenStore
@@ -27,6 +33,12 @@ log = logging.getLogger("closeproxy.tokens")
 BACKGROUND_RETRY = 30.0
 # A token this close to expiry is refreshed before use, not in the background.
 MIN_VALIDITY = 5.0
+# How often to retry saving tokens the disk refused, and how long to answer a refusal of
+# our client credentials without asking Close again.
+SAVE_RETRY = 5.0
+REFUSAL_COOLDOWN = 10.0
+# `refresh(rejected=ONLY_IF_DUE)` rejects no token: it refreshes only if the tokens are due.
+ONLY_IF_DUE = ""
 
 
 @dataclass(frozen=True)
@@ -79,10 +91,16 @@ class TokenProvider:
         self._tokens: TokenSet | None = None
         self._fingerprint: Fingerprint | None = None
         self._loaded = False
+        # Tokens Close issued that could not be saved: newer than the file, whose refresh
+        # token is already spent. Served from memory; saved before any further refresh.
+        self._unsaved: TokenSet | None = None
+        self._next_save_attempt = 0.0
         self._inflight: asyncio.Task[TokenSet] | None = None
         self._background_after = 0.0
         # A token Close refused right after a refresh: refreshing again would not help.
         self._hopeless: str | None = None
+        # Close refused our client credentials: answer the same until this time passes.
+        self._refusal: tuple[float, TokenRequestRejected] | None = None
 
     def __repr__(self) -> str:
         return f"TokenProvider(store={self.store!r})"
@@ -90,7 +108,9 @@ class TokenProvider:
     # --- reading the current state ------------------------------------------------------
 
     def snapshot(self) -> TokenSet | None:
-        """The tokens as they are on disk now (one stat; a read only if the file changed)."""
+        """The current tokens: one stat of the file, a read only if it changed."""
+        if self._unsaved is not None:
+            return self._unsaved
         fingerprint = self.store.fingerprint()
         if not self._loaded or fingerprint != self._fingerprint:
             tokens, fingerprint = self.store.load_with_fingerprint()
@@ -106,6 +126,25 @@ class TokenProvider:
             register_secret(tokens.refresh_token)
         self._tokens, self._fingerprint, self._loaded = tokens, fingerprint, True
 
+    def _usable(self, tokens: TokenSet | None) -> TokenSet:
+        """The tokens if this proxy may use them, else the error that says why not."""
+        if tokens is None:
+            raise LoginRequired(
+                "not logged in to Close: run `closeproxy login`, or open /admin/login on "
+                "this proxy in a browser"
+            )
+        issuer = tokens.api_url.rstrip("/")
+        if issuer and issuer != self.api_url.rstrip("/"):
+            # Never send a grant to a server that did not issue it.
+            raise GrantMismatch(
+                f"the stored tokens were issued by {issuer}, but this closeproxy talks to "
+                f"{self.api_url}: set --api-url back to {issuer}, or run `closeproxy login` "
+                f"to log in to {self.api_url}"
+            )
+        if tokens.refresh_rejected:
+            raise _rejected_error()
+        return tokens
+
     # --- handing out tokens -------------------------------------------------------------
 
     async def current(self, *, wait_for_refresh: bool = False) -> TokenSet:
@@ -114,23 +153,23 @@ class TokenProvider:
         Inside the refresh margin the refresh runs in the background and the still-valid
         token is used, unless `wait_for_refresh` asks for the new one.
         """
-        tokens = self.snapshot()
-        if tokens is None:
-            raise LoginRequired(
-                "not logged in to Close: run `closeproxy login`, or open /admin/login on "
-                "this proxy in a browser"
-            )
-        if tokens.refresh_rejected:
-            raise _rejected_error()
+        tokens = self._usable(self.snapshot())
         now = self._clock()
         if now < refresh_due_at(tokens, self.margin):
+            if self._unsaved is not None and now >= self._next_save_attempt:
+                self._start_flight(ONLY_IF_DUE)  # try to save them again, in the background
             return tokens
         if not self._can_refresh(tokens):
             if now < tokens.expires_at:
                 return tokens
             raise self._cannot_refresh_error(tokens)
         if now < must_refresh_at(tokens) and not wait_for_refresh:
-            self._refresh_in_background(tokens)
+            if self._clock() >= self._background_after:
+                log.debug(
+                    "access token expires in %.0f s; refreshing in the background",
+                    tokens.expires_in(now),
+                )
+                self._start_flight(tokens.access_token)
             return tokens
         return await self.refresh(rejected=tokens.access_token)
 
@@ -141,11 +180,13 @@ class TokenProvider:
         that the token they hold was already replaced and just take the new one.
         """
         if self._inflight is None:
+            if self._refusal is not None and self._clock() < self._refusal[0]:
+                raise TokenRequestRejected(str(self._refusal[1]))
             tokens = self.snapshot()
             if rejected is not None and tokens is not None and self._is_newer(tokens, rejected):
                 return tokens
-            self._inflight = asyncio.ensure_future(self._refresh_locked(rejected))
-            self._inflight.add_done_callback(self._flight_done)
+            self._start_flight(rejected)
+        assert self._inflight is not None
         # shield: a client that hangs up must not cancel a refresh others wait for, nor
         # leave a new refresh token unwritten.
         return await asyncio.shield(self._inflight)
@@ -158,43 +199,67 @@ class TokenProvider:
         return token != self._hopeless
 
     async def revoke(self) -> RevokeOutcome:
-        """Revoke the grant at Close and wipe the token file, whatever Close says."""
-        if self._inflight is not None:
-            await asyncio.gather(self._inflight, return_exceptions=True)
+        """Wipe the local grant, then revoke it at Close.
+
+        The wipe comes first and under the lock; telling Close happens after, so a
+        Close that does not answer holds up nobody, and an interrupted revoke still
+        leaves nothing usable behind.
+        """
+        await self.aclose()
         async with self.store.locked():
-            tokens, _ = self.store.load_with_fingerprint()
+            try:
+                tokens = self._unsaved or self.store.load()
+            except TokenStoreError:
+                wiped = self.store.clear()
+                self._unsaved = None
+                self._adopt(None, None)
+                return RevokeOutcome(
+                    had_grant=True,
+                    wiped=wiped,
+                    problem="the token file could not be read, so Close was not told; it was "
+                    "wiped, but a grant may still be active at Close: remove the app's access "
+                    "in Close's settings",
+                )
             if tokens is None:
                 self._adopt(None, None)
                 return RevokeOutcome(had_grant=False)
-            problem: str | None = None
-            revoked = False
-            if self.oauth is None:
-                problem = (
-                    "no client id and secret are configured, so Close was not told: the grant "
-                    "may still be active; remove the app's access in Close's settings"
-                )
-            else:
-                try:
-                    # The refresh token first: revoking it ends the whole grant.
-                    for token in (tokens.refresh_token, tokens.access_token):
-                        if token:
-                            await self.oauth.revoke(token)
-                    revoked = True
-                except ServiceError as exc:
-                    log.warning("revoking at Close failed: %s", exc)
-                    problem = (
-                        "Close could not be told (its revoke endpoint failed or was out of "
-                        "reach); the local tokens were wiped anyway, but the grant may still be "
-                        "active at Close: remove the app's access in Close's settings"
-                    )
+            self._usable(replace(tokens, refresh_rejected=None))  # never to a foreign server
             wiped = self.store.clear()
+            self._unsaved = None
             self._adopt(None, None)
-        return RevokeOutcome(had_grant=True, revoked_at_close=revoked, wiped=wiped, problem=problem)
+        if self.oauth is None:
+            return RevokeOutcome(
+                had_grant=True,
+                wiped=wiped,
+                problem="no client id and secret are configured, so Close was not told: the "
+                "local tokens were wiped, but the grant may still be active at Close: remove "
+                "the app's access in Close's settings",
+            )
+        try:
+            # The refresh token first: revoking it ends the whole grant.
+            for token in (tokens.refresh_token, tokens.access_token):
+                if token:
+                    await self.oauth.revoke(token)
+        except ServiceError as exc:
+            log.warning("revoking at Close failed: %s", exc)
+            return RevokeOutcome(
+                had_grant=True,
+                wiped=wiped,
+                problem=f"{exc}; the local tokens were wiped anyway, but the grant may still "
+                "be active at Close: remove the app's access in Close's settings",
+            )
+        return RevokeOutcome(had_grant=True, revoked_at_close=True, wiped=wiped)
 
     async def aclose(self) -> None:
         """Let a refresh in progress finish writing its tokens."""
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
+        if self._unsaved is not None:
+            log.error(
+                "the newest tokens could never be saved to %s: the next start will need "
+                "`closeproxy login`",
+                self.store.path,
+            )
 
     # --- the refresh itself ----------------------------------------------------------
 
@@ -219,39 +284,47 @@ class TokenProvider:
             "secret are configured: set CLOSEPROXY_CLIENT_ID and CLOSEPROXY_CLIENT_SECRET"
         )
 
-    def _refresh_in_background(self, tokens: TokenSet) -> None:
-        if self._inflight is not None or self._clock() < self._background_after:
-            return
-        log.debug(
-            "access token expires in %.0f s; refreshing in the background",
-            tokens.expires_in(self._clock()),
-        )
-        self._inflight = asyncio.ensure_future(self._refresh_locked(tokens.access_token))
-        self._inflight.add_done_callback(self._flight_done)
+    def _start_flight(self, rejected: str | None) -> None:
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._refresh_locked(rejected))
+            self._inflight.add_done_callback(self._flight_done)
 
     def _flight_done(self, task: asyncio.Task[TokenSet]) -> None:
         self._inflight = None
         if task.cancelled():
             return
         exc = task.exception()  # retrieved here so a flight nobody awaited logs nothing twice
-        if exc is not None:
-            self.counters.refresh_failures += 1
-            self._background_after = self._clock() + BACKGROUND_RETRY
-            log.warning("token refresh failed: %s", exc)
+        if exc is None:
+            self._refusal = None
+            return
+        self.counters.refresh_failures += 1
+        now = self._clock()
+        self._background_after = now + BACKGROUND_RETRY
+        self._next_save_attempt = now + SAVE_RETRY
+        if isinstance(exc, TokenRequestRejected):
+            # Close will refuse the same credentials again: do not ask at request rate.
+            self._refusal = (now + REFUSAL_COOLDOWN, exc)
+        log.warning("token refresh failed: %s", exc)
+
+    async def _latest_under_lock(self) -> TokenSet | None:
+        """The newest tokens, with the lock held: unsaved ones saved first, else the file."""
+        if self._unsaved is not None:
+            # Raises while the disk still refuses: refreshing from the file would spend a
+            # refresh token Close already rotated away.
+            saved = self._unsaved
+            self._adopt(saved, await asyncio.to_thread(self.store.save, saved))
+            self._unsaved = None
+            log.info("saved the tokens that could not be saved before to %s", self.store.path)
+            return saved
+        on_disk, fingerprint = self.store.load_with_fingerprint()
+        self._adopt(on_disk, fingerprint)
+        return on_disk
 
     async def _refresh_locked(self, rejected: str | None) -> TokenSet:
         async with self.store.locked():
             # Another process may have refreshed while we waited for the lock.
-            tokens, fingerprint = self.store.load_with_fingerprint()
-            self._adopt(tokens, fingerprint)
-            if tokens is None:
-                raise LoginRequired(
-                    "not logged in to Close (the token file is gone): run `closeproxy login`"
-                )
-            if tokens.refresh_rejected:
-                raise _rejected_error()
+            tokens = self._usable(await self._latest_under_lock())
             if rejected is not None and self._is_newer(tokens, rejected):
-                self.counters.adopted_from_disk += 1
                 return tokens
             if self.oauth is None or tokens.refresh_token is None:
                 raise self._cannot_refresh_error(tokens)
@@ -266,9 +339,22 @@ class TokenProvider:
             fresh = TokenSet.from_reply(
                 reply, received_at=sent_at, api_url=self.api_url, previous=tokens
             )
-            # On disk before anyone uses it: losing the new refresh token means a re-login.
-            self._adopt(fresh, await asyncio.to_thread(self.store.save, fresh))
             self.counters.refreshes += 1
+            # On disk before anyone uses it where possible: a lost refresh token is a re-login.
+            try:
+                fingerprint = await asyncio.to_thread(self.store.save, fresh)
+            except TokenStoreError as exc:
+                self._unsaved = fresh
+                self._adopt(fresh, self._fingerprint)
+                self._next_save_attempt = self._clock() + SAVE_RETRY
+                log.error(
+                    "Close issued new tokens but they could not be saved (%s); serving them from "
+                    "memory and retrying the save. If this process stops before it succeeds, "
+                    "you will have to run `closeproxy login` again",
+                    exc,
+                )
+                return fresh
+            self._adopt(fresh, fingerprint)
             log.info(
                 "refreshed the access token; it expires in %.0f s", fresh.expires_in(self._clock())
             )

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,15 +24,22 @@ FAST_BACKOFF = (0.05, 0.1)
 LISTENING = re.compile(r"listening on (http://\S+|unix:\S+)")
 
 
-def seed_tokens(sim: RunningSim, token_file: Path, *, expires_in: float | None = None) -> TokenSet:
-    """Log in at the simulator without a browser and store the grant like `login` would."""
+def seed_tokens(
+    sim: RunningSim,
+    token_file: Path,
+    *,
+    expires_in: float | None = None,
+    api_url: str | None = None,
+) -> TokenSet:
+    """Log in at the simulator without a browser and store the grant like `login` would.
+
+    `api_url` records another issuer, for proxies pointed somewhere else on purpose.
+    """
     reply = sim.state.issue_tokens()
     now = time.time()
-    tokens = TokenSet.from_reply(reply, received_at=now, api_url=sim.url)
+    tokens = TokenSet.from_reply(reply, received_at=now, api_url=api_url or sim.url)
     if expires_in is not None:
-        tokens = TokenSet(
-            **{**tokens.__dict__, "expires_at": now + expires_in, "obtained_at": now - 3600}
-        )
+        tokens = replace(tokens, expires_at=now + expires_in, obtained_at=now - 3600)
     TokenStore(token_file).save(tokens)
     return tokens
 

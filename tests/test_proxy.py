@@ -142,7 +142,13 @@ async def test_response_hop_by_hop_and_set_cookie_are_not_relayed(
     async with client.get(f"{proxy.url}/api/v1/_sim/headers") as resp:
         assert resp.status == 200
         assert resp.headers["X-Custom"] == "yes"
-        for dropped in ("X-Hop", "Set-Cookie", "Keep-Alive"):
+        for dropped in (
+            "X-Hop",
+            "Set-Cookie",
+            "Keep-Alive",
+            "Access-Control-Allow-Origin",
+            "Access-Control-Allow-Credentials",
+        ):
             assert dropped not in resp.headers
 
 
@@ -347,8 +353,8 @@ async def test_first_byte_arrives_before_upstream_finishes(
 async def test_upstream_unreachable_is_502(
     sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
-    seed_tokens(sim, token_file)
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    seed_tokens(sim, token_file, api_url=dead)
     async with start_proxy(api_url=dead) as proxy:
         async with client.get(f"{proxy.url}/api/v1/me/") as resp:
             assert resp.status == 502
@@ -429,3 +435,32 @@ async def test_client_hanging_up_mid_request_leaves_the_proxy_serving(
     await asyncio.sleep(0.2)
     async with client.get(f"{proxy.url}/api/v1/me/") as resp:
         assert resp.status == 200
+
+
+async def test_a_literal_percent_in_the_query_is_forwarded_as_sent(
+    sim: RunningSim, token_file: Path, proxy: Proxy
+) -> None:
+    seed_tokens(sim, token_file)
+    target = "/api/v1/_sim/echo/q?discount=50%&note=a\\b"
+    resp = await raw_request(proxy.port, get_request(target, proxy.port))
+    assert resp.status == 200
+    assert sim.state.api_log[-1].raw_path == target
+
+
+async def test_a_client_leaving_mid_download_is_not_an_upstream_error(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    seed_tokens(sim, token_file)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        get_request("/api/v1/_sim/download?bytes=50000000&chunk=65536", proxy.port)
+        .replace("\n", "\r\n")
+        .encode()
+    )
+    await writer.drain()
+    await reader.readexactly(100_000)
+    writer.transport.abort()  # gone, with megabytes still to come
+    await asyncio.sleep(0.3)
+    async with client.get(f"{proxy.url}/admin/status") as resp:
+        counters = (await resp.json())["counters"]
+    assert counters["upstream_errors"] == 0

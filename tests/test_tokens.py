@@ -9,11 +9,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
-from helpers import Proxy, ProxyFactory, make_settings, seed_tokens
+from aiohttp import web
+from helpers import (
+    Proxy,
+    ProxyFactory,
+    make_settings,
+    proxy_env,
+    run_cli_async,
+    seed_tokens,
+)
 
+from closeproxy.app import client_session, oauth_client
+from closeproxy.config import load_settings
+from closeproxy.errors import TokenStoreError
 from closeproxy.server import running
-from closeproxy.sim import RunningSim
-from closeproxy.store import TokenSet, TokenStore
+from closeproxy.sim import RunningSim, run_sim
+from closeproxy.store import Fingerprint, TokenSet, TokenStore
+from closeproxy.tokens import TokenProvider
 
 
 def stored(token_file: Path) -> TokenSet:
@@ -104,7 +116,7 @@ async def test_token_endpoint_down_is_503_and_keeps_the_refresh_token(
 async def test_token_endpoint_unreachable_is_503(
     sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
-    old = seed_tokens(sim, token_file, expires_in=-10)
+    old = seed_tokens(sim, token_file, expires_in=-10, api_url="http://127.0.0.1:9")
     async with start_proxy(api_url="http://127.0.0.1:9") as proxy:
         status, body = await get_me(client, proxy)
     assert status == 503
@@ -166,3 +178,132 @@ async def test_status_shows_a_rejected_grant(
         status = json.loads(await resp.text())
     assert status["logged_in"] is False
     assert "invalid_grant" in status["problem"]
+
+
+async def test_a_grant_is_never_sent_to_a_server_that_did_not_issue_it(
+    sim: RunningSim, token_file: Path, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Tokens from the simulator; a second simulator stands in for a wrong --api-url.
+    tokens = seed_tokens(sim, token_file, expires_in=-10)
+    async with run_sim() as other:
+        settings = make_settings(sim, token_file, api_url=other.url)
+        async with running(settings) as where:
+            for path in ("/api/v1/me/", "/admin/refresh"):
+                method = "POST" if path.startswith("/admin") else "GET"
+                async with client.request(method, where.url + path) as resp:
+                    body = await resp.json()
+                assert resp.status == 401
+                assert body["closeproxy_error"] == "login_required"
+                assert sim.url in body["error"]
+                assert other.url in body["error"]
+        result = await run_cli_async(
+            proxy_env(sim, token_file, CLOSEPROXY_API_URL=other.url), "revoke"
+        )
+    assert result.returncode == 2
+    assert "closeproxy login" in result.stderr
+    assert other.state.api_requests == other.state.token_requests == other.state.revokes == 0
+    assert stored(token_file) == tokens  # untouched, not marked rejected, not wiped
+
+
+class FlakyStore(TokenStore):
+    """A token store whose disk refuses the next `failures` saves."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    def save(self, tokens: TokenSet) -> Fingerprint:
+        if self.failures:
+            self.failures -= 1
+            raise TokenStoreError(f"cannot write the token file {self.path}: No space left")
+        return super().save(tokens)
+
+
+async def test_tokens_that_cannot_be_saved_are_kept_and_saved_before_the_next_refresh(
+    sim: RunningSim, token_file: Path
+) -> None:
+    old = seed_tokens(sim, token_file)
+    store = FlakyStore(token_file, failures=1)
+    async with client_session() as session:
+        provider = TokenProvider(
+            store,
+            oauth_client(make_settings(sim, token_file), session),
+            margin=300,
+            api_url=sim.url,
+        )
+        fresh = await provider.refresh(rejected=None)  # rotated at Close, disk said no
+        assert fresh.refresh_token != old.refresh_token
+        assert stored(token_file) == old
+        assert (await provider.current()).access_token == fresh.access_token  # from memory
+        newer = await provider.refresh(rejected=None)  # saves `fresh` first, then rotates
+        await provider.aclose()
+    assert sim.state.reuse_detected == 0
+    assert sim.state.refreshes == 2
+    assert stored(token_file).refresh_token == newer.refresh_token
+
+
+async def test_refused_client_credentials_are_not_asked_again_at_request_rate(
+    sim: RunningSim,
+    token_file: Path,
+    start_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    seed_tokens(sim, token_file, expires_in=-10)
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text("not-the-secret")
+    async with start_proxy(client_secret=str(wrong)) as proxy:
+        for _ in range(10):
+            status, body = await get_me(client, proxy)
+            assert status == 502
+            assert body["closeproxy_error"] == "token_request_rejected"
+            assert "client secret" in str(body["error"])
+    assert sim.state.token_requests == 1
+    assert stored(token_file).refresh_rejected is None  # the grant itself is fine
+
+
+async def test_a_quirky_but_successful_token_reply_still_keeps_the_new_refresh_token(
+    token_file: Path,
+) -> None:
+    # A token endpoint whose 200 reply bends the format (string expires_in, odd case).
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "access_token": "acc-2",
+                "refresh_token": "ref-2",
+                "expires_in": "3600",
+                "token_type": "bearer",
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token/", token)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        now = time.time()
+        TokenStore(token_file).save(
+            TokenSet(
+                access_token="acc-1",
+                refresh_token="ref-1",
+                expires_at=now - 5,
+                obtained_at=now - 3600,
+                api_url=url,
+            )
+        )
+        settings = load_settings(
+            {"api_url": url, "client_id": "c", "token_file": str(token_file)},
+            {"CLOSEPROXY_CLIENT_SECRET": "s"},
+        )
+        async with client_session() as session:
+            provider = TokenProvider(
+                TokenStore(token_file), oauth_client(settings, session), margin=300, api_url=url
+            )
+            fresh = await provider.current()
+    finally:
+        await runner.cleanup()
+    assert fresh.access_token == "acc-2"
+    assert stored(token_file).refresh_token == "ref-2"
+    assert 3500 < stored(token_file).expires_in() <= 3600

@@ -383,6 +383,8 @@ async def hop_headers(request: web.Request, call: ApiCall) -> web.StreamResponse
             ("X-Hop", "secret-hop"),
             ("Keep-Alive", "timeout=5"),
             ("Set-Cookie", "a=b"),
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Allow-Credentials", "true"),
             ("X-Custom", "yes"),
         ]
     )
