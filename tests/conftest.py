@@ -148,7 +148,9 @@ async def proxy(start_proxy: ProxyFactory) -> AsyncIterator[Proxy]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
+    # Bounded: a stall fails the test in a minute instead of hanging CI.
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
         yield session
 
 

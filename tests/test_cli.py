@@ -5,13 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import ServeProcess, proxy_env, run_cli, run_cli_async, seed_tokens, start_serve
+from helpers import (
+    ServeProcess,
+    cli_env,
+    proxy_env,
+    run_cli,
+    run_cli_async,
+    seed_tokens,
+    start_serve,
+)
 
 from closeproxy.cli import COMMAND_OPTIONS, COMMANDS
 from closeproxy.config import OPTIONS_BY_NAME
@@ -252,3 +262,43 @@ async def test_serve_with_port_zero_prints_the_real_port(
     serve_processes.append(server)
     assert server.port > 0
     assert time.monotonic() - started < 10
+
+
+async def test_sigterm_during_a_refresh_lets_it_finish_and_save(
+    sim: RunningSim, token_file: Path
+) -> None:
+    old = seed_tokens(sim, token_file)
+    sim.state.token_delay = 1.5  # the refresh is in flight at Close when the signal comes
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "refresh",
+        env=cli_env(proxy_env(sim, token_file)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    for _ in range(200):
+        if sim.state.token_requests:
+            break
+        await asyncio.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err.decode()
+    saved = TokenStore(token_file).load()
+    assert saved is not None
+    assert saved.refresh_token != old.refresh_token  # the rotated token reached the disk
+    sim.state.token_delay = 0
+    again = await run_cli_async(proxy_env(sim, token_file), "refresh")
+    assert again.returncode == 0, again.stderr
+    assert sim.state.reuse_detected == 0
+
+
+async def test_sighup_stops_serve_cleanly(
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+) -> None:
+    server = await serve(proxy_env(sim, token_file))
+    serve_processes.append(server)
+    server.process.send_signal(signal.SIGHUP)
+    assert await asyncio.to_thread(server.process.wait, 20) == 0

@@ -456,3 +456,13 @@ async def test_json_logs_carry_a_request_id(
     assert all(r["status"] == 200 and r["method"] == "GET" for r in access)
     assert len({r["request_id"] for r in access}) == 2
     assert all({"time", "level", "logger", "message", "duration_ms"} <= set(r) for r in access)
+
+
+def test_long_lived_secrets_stay_redacted_however_many_tokens_rotate() -> None:
+    from closeproxy.logs import redact, register_secret
+
+    register_secret("client-secret-that-lives-long", permanent=True)
+    for i in range(500):
+        register_secret(f"rotating-token-{i:04d}")
+    assert redact("x client-secret-that-lives-long y") == "x [secure] y"
+    assert redact("rotating-token-0499") == "[secure]"

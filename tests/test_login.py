@@ -289,3 +289,39 @@ async def test_admin_callback_refuses_unknown_state_and_access_denied(
             assert "declined" in await resp.text()
     assert sim.state.token_requests == 0
     assert not token_file.exists()
+
+
+async def test_loopback_callback_is_single_use_even_when_two_arrive_at_once(
+    sim: RunningSim, token_file: Path
+) -> None:
+    port = free_port()
+    redirect = f"http://127.0.0.1:{port}/cb"
+    sim.state.token_delay = 0.3  # the first exchange is still running when the second comes
+    login = await LoginProcess.start(proxy_env(sim, token_file, CLOSEPROXY_REDIRECT_URI=redirect))
+    landed = await consent(await login.authorize_url())
+    async with aiohttp.ClientSession() as browser:
+
+        async def visit() -> int:
+            async with browser.get(landed) as resp:
+                return resp.status
+
+        statuses = sorted(await asyncio.gather(visit(), visit()))
+    code, _, err = await login.finish()
+    assert statuses == [200, 400]
+    assert code == 0, err
+    assert sim.state.code_exchanges == 1
+    assert sim.state.reuse_detected == 0
+
+
+async def test_admin_login_with_a_redirect_uri_elsewhere_explains_instead_of_dead_ending(
+    sim: RunningSim, token_file: Path, start_proxy
+) -> None:
+    async with start_proxy(redirect_uri="https://localhost/closeproxy/callback") as proxy:
+        async with (
+            aiohttp.ClientSession() as browser,
+            browser.get(f"{proxy.url}/admin/login", allow_redirects=False) as resp,
+        ):
+            page = await resp.text()
+    assert resp.status == 409
+    assert "closeproxy login" in page
+    assert sim.state.token_requests == 0

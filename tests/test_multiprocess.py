@@ -60,8 +60,10 @@ async def test_two_servers_and_a_refresh_loop_never_spend_a_refresh_token_twice(
     sim.state.token_delay = 0.05  # widen every race window a little
     env = proxy_env(sim, token_file)
     # Started off the event loop: the in-process simulator must keep answering meanwhile.
-    servers = await asyncio.gather(*(asyncio.to_thread(start_serve, env) for _ in range(2)))
-    serve_processes.extend(servers)
+    servers = []
+    for _ in range(2):
+        servers.append(await asyncio.to_thread(start_serve, env))
+        serve_processes.append(servers[-1])  # stopped at teardown even if the next fails
     urls = [server.url for server in servers]
 
     stop = asyncio.Event()

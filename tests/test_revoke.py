@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import Proxy, proxy_env, run_cli_async, seed_tokens
+from helpers import Proxy, cli_env, proxy_env, run_cli_async, seed_tokens
 
 from closeproxy.sim import RunningSim
 
@@ -80,3 +83,41 @@ async def test_admin_revoke_with_close_down(
     assert body["closeproxy_error"] == "revoke_incomplete"
     assert "may still be active" in body["error"]
     assert not token_file.exists()
+
+
+async def test_revoke_wipes_before_telling_close_so_an_interrupted_revoke_leaves_nothing(
+    sim: RunningSim, token_file: Path
+) -> None:
+    seed_tokens(sim, token_file)
+    sim.state.token_delay = 3  # Close is slow to answer the revoke
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "revoke",
+        env=cli_env(proxy_env(sim, token_file)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    for _ in range(200):
+        if sim.state.revoke_log or not token_file.exists():
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    assert not token_file.exists()  # gone while Close is still thinking
+    process.send_signal(signal.SIGINT)
+    await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode != 0
+    assert not token_file.exists()
+
+
+async def test_revoke_of_an_unreadable_token_file_wipes_it_and_says_so(
+    sim: RunningSim, token_file: Path
+) -> None:
+    token_file.parent.mkdir(parents=True)
+    token_file.write_text("{not json")
+    result = await run_cli_async(proxy_env(sim, token_file), "logout")
+    assert result.returncode == 1
+    assert "could not be read" in result.stderr
+    assert not token_file.exists()
+    assert sim.state.revokes == 0
