@@ -28,7 +28,7 @@ log = logging.getLogger("closeproxy.proxy")
 API_PREFIX: Final = "/api/v1/"
 # Bodies up to this size are kept so that the request can be replayed after a refresh.
 REPLAY_LIMIT: Final = 1024 * 1024
-READ_CHUNK: Final = 256 * 1024
+CLIENT_GONE: Final = "client_disconnected"
 
 # RFC 9110 §7.6.1 plus the de-facto ones; each message's Connection header adds more.
 HOP_BY_HOP: frozenset[str] = frozenset(
@@ -203,7 +203,8 @@ class Forwarder:
         except ServiceError as exc:
             return service_error_response(exc)
         except UpstreamFailed as exc:
-            self.counters.upstream_errors += 1
+            if exc.code != CLIENT_GONE:
+                self.counters.upstream_errors += 1
             return error_response(exc.status, exc.code, str(exc))
         except BodyTooLarge:
             return error_response(
@@ -263,7 +264,7 @@ class Forwarder:
             if request.transport is None or request.transport.is_closing():
                 # The client went away mid-upload; the answer is for the log only.
                 raise UpstreamFailed(
-                    400, "client_disconnected", "the client closed the connection mid-request"
+                    400, CLIENT_GONE, "the client closed the connection mid-request"
                 ) from None
             raise UpstreamFailed(
                 502,

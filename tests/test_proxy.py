@@ -435,6 +435,8 @@ async def test_client_hanging_up_mid_request_leaves_the_proxy_serving(
     await asyncio.sleep(0.2)
     async with client.get(f"{proxy.url}/api/v1/me/") as resp:
         assert resp.status == 200
+    async with client.get(f"{proxy.url}/admin/status") as resp:
+        assert (await resp.json())["counters"]["upstream_errors"] == 0
 
 
 async def test_a_literal_percent_in_the_query_is_forwarded_as_sent(
