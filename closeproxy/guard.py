@@ -34,14 +34,13 @@ _HOST_RE = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]
 _DECODE_ROUNDS = 3
 
 
-def check_target(raw_target: str) -> str | None:
-    """Why this request target must not be served, or None when it is fine."""
-    if not raw_target.startswith("/"):
+def check_target(path: str, query: str) -> str | None:
+    """Why this request target (split at its first `?`) must not be served, or None."""
+    if not path.startswith("/"):
         return (
             "only origin-form request targets like /api/v1/me/ are accepted; "
             "this is a reverse proxy, not a forward proxy"
         )
-    path, _, query = raw_target.partition("?")
     if not _PATH_OK.fullmatch(path):
         return (
             "the path has spaces, control or non-ASCII characters, backslashes or a stray %: "
@@ -96,13 +95,6 @@ class Guard:
         key = "[secure]" if self._key else None
         return f"Guard(allowed_hosts={sorted(self.allowed_hosts)!r}, proxy_key={key})"
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        refusal = self.check(request)
-        if refusal is not None:
-            return refusal
-        return await handler(request)
-
     def check(self, request: web.Request) -> web.StreamResponse | None:
         """The refusal for this request, or None to let it through."""
         method = request.method
@@ -122,7 +114,8 @@ class Guard:
             # The client may already be sending tunnel bytes: end the connection with it.
             refusal.force_close()
             return refusal
-        problem = check_target(request.raw_path)
+        path, _, query = request.raw_path.partition("?")
+        problem = check_target(path, query)
         if problem is not None:
             return error_response(400, "bad_path", problem)
         hosts = headers.getall("Host", ())
@@ -134,7 +127,6 @@ class Guard:
                 "this Host name is not allowed (DNS rebinding protection): connect to "
                 "127.0.0.1 or localhost, or add the name with --allow-host",
             )
-        path = request.raw_path.partition("?")[0]
         if not (path == CALLBACK_PATH and method == "GET") and self._cross_site(request):
             return error_response(
                 403,

@@ -63,7 +63,6 @@ class Callback:
     code: str | None
     state: str | None
     error: str | None
-    error_description: str | None = None
     # A code typed or pasted on its own: the user vouches for it, there is no state to check.
     bare: bool = False
 
@@ -73,7 +72,7 @@ class Callback:
             values = query.get(name)
             return values[0] if values and len(values) == 1 else None
 
-        return cls(one("code"), one("state"), one("error"), one("error_description"))
+        return cls(one("code"), one("state"), one("error"))
 
     @classmethod
     def from_pasted(cls, text: str) -> Callback:

@@ -67,17 +67,19 @@ RESPONSE_DROP: frozenset[str] = HOP_BY_HOP | frozenset({"set-cookie", "set-cooki
 CORS_PREFIX = "access-control-"
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(","))
+def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
+    """`always` plus the headers this message's Connection header names hop-by-hop."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return always  # the common case: no set to build per request
+    named = {token.strip().lower() for value in values for token in value.split(",")}
     named.discard("")
-    return frozenset(named)
+    return always | named
 
 
 def request_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict[str]:
     """The client's headers minus what must not travel, plus exactly one Authorization."""
-    drop = REQUEST_DROP | _connection_tokens(incoming)
+    drop = _dropped(incoming, REQUEST_DROP)
     out: CIMultiDict[str] = CIMultiDict(
         (name, value) for name, value in incoming.items() if name.lower() not in drop
     )
@@ -305,7 +307,7 @@ class Forwarder:
     def _response_headers(
         self, request: web.Request, incoming: CIMultiDictProxy[str]
     ) -> CIMultiDict[str]:
-        drop = RESPONSE_DROP | _connection_tokens(incoming)
+        drop = _dropped(incoming, RESPONSE_DROP)
         out: CIMultiDict[str] = CIMultiDict(
             (name, value)
             for name, value in incoming.items()

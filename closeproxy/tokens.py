@@ -164,7 +164,7 @@ class TokenProvider:
                 return tokens
             raise self._cannot_refresh_error(tokens)
         if now < must_refresh_at(tokens) and not wait_for_refresh:
-            if self._clock() >= self._background_after:
+            if now >= self._background_after:
                 log.debug(
                     "access token expires in %.0f s; refreshing in the background",
                     tokens.expires_in(now),
