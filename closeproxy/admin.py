@@ -12,7 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import __version__
-from .errors import CloseProxyError, ServiceError
+from .errors import CloseProxyError, ConfigError, ServiceError
 from .guard import CALLBACK_PATH
 from .login import (
     PAGE_HEADERS,
@@ -82,11 +82,18 @@ async def admin_revoke(request: web.Request) -> web.Response:
 async def admin_login(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     if services.provider.oauth is None:
+        try:
+            services.settings.require_client()
+            missing = "the OAuth client is not configured"
+        except ConfigError as exc:
+            missing = str(exc)
+        # 409, not 5xx: nothing is broken and retrying will not help until it is configured.
         return callback_page(
-            500,
-            "Login is not configured",
-            "Set the client id and secret of your Close OAuth app (CLOSEPROXY_CLIENT_ID and "
-            "CLOSEPROXY_CLIENT_SECRET) and restart closeproxy.",
+            409,
+            "Login needs your Close OAuth app",
+            f"This proxy cannot log in yet: {missing}. Use the client id and secret of "
+            "your OAuth app (Close: Settings, Developer, OAuth Apps), then restart closeproxy "
+            "and open /admin/login again.",
         )
     redirect_uri = services.settings.redirect_uri or f"http://{request.host}{CALLBACK_PATH}"
     if URL(redirect_uri).path != CALLBACK_PATH:

@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 from . import admin
 from .config import Settings
 from .guard import Guard, Handler
+from .login import login_advice
 from .logs import REQUEST_ID, register_secret
 from .oauth import DEFAULT_BACKOFF, OAuthClient
 from .proxy import API_PREFIX, Forwarder
@@ -64,7 +65,7 @@ def oauth_client(
 
 
 async def _services(
-    settings: Settings, backoff: Sequence[float], app: web.Application
+    settings: Settings, backoff: Sequence[float], browser_login: bool, app: web.Application
 ) -> AsyncIterator[None]:
     session = client_session()
     store = TokenStore(settings.token_file)
@@ -73,6 +74,7 @@ async def _services(
         oauth_client(settings, session, backoff),
         margin=settings.refresh_margin,
         api_url=str(settings.api_url),
+        login_advice=login_advice(settings, browser_login=browser_login),
     )
     forwarder = Forwarder(
         session,
@@ -124,14 +126,18 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(
-    settings: Settings, *, oauth_backoff: Sequence[float] = DEFAULT_BACKOFF
+    settings: Settings,
+    *,
+    oauth_backoff: Sequence[float] = DEFAULT_BACKOFF,
+    browser_login: bool = True,
 ) -> web.Application:
+    """The proxy; `browser_login=False` for one that dies with a command (`run`)."""
     for secret in (settings.client_secret, settings.proxy_key):
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
     guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
     app = web.Application(middlewares=[_front_middleware(guard)])
-    app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff)))
+    app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff), browser_login))
     admin.add_routes(app)
     app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward)
     return app

@@ -6,13 +6,16 @@
     └── ServiceError                 also answered over HTTP as {"error", "closeproxy_error"}
         ├── LoginRequired            401 login_required: no usable grant, log in again
         │   └── GrantMismatch        the grant belongs to another API base (exit 2)
+        ├── ClientNotConfigured      401 client_not_configured: a refresh is due but no
+        │                            client id and secret are set (exit 2)
         ├── TokenServiceUnavailable  503 token_service_unavailable: Close's token endpoint
         │                            is unreachable or failing; stored tokens are kept
-        ├── TokenRequestRejected     502 token_request_rejected: Close refused the client
+        ├── TokenRequestRejected     401 token_request_rejected: Close refused the client
         │                            (bad client id or secret), not the grant
         └── TokenStoreError          500 token_store_error: the token file or its lock
                                      cannot be used
 
+Problems a retry cannot fix are never 5xx: Close clients retry 502/503/504 for minutes.
 Messages never contain a token, a client secret or a proxy key: they are shown to
 clients of the proxy and written to logs.
 """
@@ -62,6 +65,14 @@ class GrantMismatch(LoginRequired):
     exit_code = 2
 
 
+class ClientNotConfigured(ServiceError):
+    """A refresh is due, but no OAuth client id and secret are configured to do it."""
+
+    status = 401
+    code = "client_not_configured"
+    exit_code = 2
+
+
 class TokenServiceUnavailable(ServiceError):
     """Close's token endpoint could not be reached or failed; stored tokens are kept."""
 
@@ -72,7 +83,8 @@ class TokenServiceUnavailable(ServiceError):
 class TokenRequestRejected(ServiceError):
     """Close refused the token request for a reason other than the grant itself."""
 
-    status = 502
+    # Not 5xx: the client credentials are wrong, and no retry by a client will fix them.
+    status = 401
     code = "token_request_rejected"
 
 

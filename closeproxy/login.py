@@ -19,7 +19,8 @@ from aiohttp import web
 from yarl import URL
 
 from .config import Settings, is_loopback_host
-from .errors import LoginFailed
+from .errors import ConfigError, LoginFailed
+from .guard import CALLBACK_PATH
 from .oauth import OAuthClient, authorize_url, pkce_pair
 from .store import TokenSet, TokenStore
 
@@ -128,6 +129,25 @@ async def finish_login(
     async with store.locked():
         await asyncio.to_thread(store.save, tokens)
     return tokens
+
+
+def browser_login_works(settings: Settings) -> bool:
+    """True when /admin/login on a running proxy can finish: the redirect comes back to it."""
+    return settings.redirect_uri is None or URL(settings.redirect_uri).path == CALLBACK_PATH
+
+
+def login_advice(settings: Settings, *, browser_login: bool, proxy_url: str | None = None) -> str:
+    """What to tell someone who is not logged in, in words that work where they are."""
+    try:
+        settings.require_client()
+    except ConfigError as exc:
+        return f"{exc}; then run `closeproxy login`"
+    if not browser_login:  # a proxy that lives as long as one command: log in, then rerun
+        return "run `closeproxy login`, then run this command again"
+    if browser_login_works(settings):
+        page = f"{proxy_url}/admin/login" if proxy_url else "/admin/login on this proxy"
+        return f"run `closeproxy login`, or open {page} in a browser"
+    return "run `closeproxy login`"
 
 
 def is_loopback_redirect(redirect_uri: str | None) -> bool:

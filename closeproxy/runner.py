@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .config import Secret, Settings
 from .errors import CloseProxyError
-from .server import running
+from .server import running, say_if_logged_out
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGINT,
@@ -58,7 +58,8 @@ async def run_command(settings: Settings, argv: Sequence[str]) -> int:
     """Serve on a free loopback port with a fresh key, run `argv`, return its exit status."""
     key = secrets.token_urlsafe(32)
     private = replace(settings, host="127.0.0.1", port=0, unix_socket=None, proxy_key=Secret(key))
-    async with running(private) as where:
+    async with running(private, browser_login=False) as where:
+        say_if_logged_out(private, browser_login=False, proxy_url=where.url)
         try:
             child = await asyncio.create_subprocess_exec(
                 *argv, env=child_environment(os.environ, where.url, key)

@@ -17,9 +17,11 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, TokenStoreError
+from .login import login_advice
 from .logs import AccessLogger
 from .oauth import DEFAULT_BACKOFF
+from .store import TokenStore
 
 log = logging.getLogger("closeproxy.server")
 
@@ -46,11 +48,14 @@ def _url_host(host: str) -> str:
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, *, oauth_backoff: Sequence[float] = DEFAULT_BACKOFF
+    settings: Settings,
+    *,
+    oauth_backoff: Sequence[float] = DEFAULT_BACKOFF,
+    browser_login: bool = True,
 ) -> AsyncIterator[Listening]:
     """The proxy, started and listening, for as long as the block runs."""
     settings.check_serve()
-    app = create_app(settings, oauth_backoff=oauth_backoff)
+    app = create_app(settings, oauth_backoff=oauth_backoff, browser_login=browser_login)
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -143,6 +148,24 @@ def _bound_port(addresses: list[object], wanted: int) -> int:
     return wanted
 
 
+def say_if_logged_out(settings: Settings, *, browser_login: bool, proxy_url: str | None) -> None:
+    """One warning at start when /api/v1/ can only answer 401 until someone logs in."""
+    try:
+        tokens = TokenStore(settings.token_file).load()
+    except TokenStoreError:
+        return  # every request reports this one, with its own fix
+    if tokens is not None and not tokens.refresh_rejected:
+        return
+    what = "not logged in" if tokens is None else "the stored grant was rejected by Close"
+    advice = login_advice(settings, browser_login=browser_login, proxy_url=proxy_url)
+    log.warning(
+        "%s (token file %s), so /api/v1/ answers 401 login_required: %s",
+        what,
+        settings.token_file,
+        advice,
+    )
+
+
 async def serve(
     settings: Settings,
     *,
@@ -158,6 +181,11 @@ async def serve(
         async with running(settings) as where:
             on_ready(where)
             log.info("proxy for %s listening on %s", settings.api_url, where.url)
+            say_if_logged_out(
+                settings,
+                browser_login=True,
+                proxy_url=where.url if where.port is not None else None,
+            )
             await stop.wait()
             log.info("stopping: draining in-flight requests (at most %.0f s)", DRAIN_SECONDS)
     finally:

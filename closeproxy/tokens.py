@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import (
+    ClientNotConfigured,
     GrantMismatch,
     LoginRequired,
     ServiceError,
@@ -39,6 +40,7 @@ SAVE_RETRY = 5.0
 REFUSAL_COOLDOWN = 10.0
 # `refresh(rejected=ONLY_IF_DUE)` rejects no token: it refreshes only if the tokens are due.
 ONLY_IF_DUE = ""
+DEFAULT_LOGIN_ADVICE = "run `closeproxy login`"
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,14 @@ class TokenProvider:
         margin: float,
         api_url: str,
         clock: Callable[[], float] = time.time,
+        login_advice: str = DEFAULT_LOGIN_ADVICE,
+        log_failures: bool = True,
     ) -> None:
         self.store = store
+        # What a client that is not logged in is told to do (it depends on where we run).
+        self.login_advice = login_advice
+        # False where the caller reports a failed refresh itself (the CLI), not to say it twice.
+        self.log_failures = log_failures
         self.oauth = oauth
         self.margin = margin
         self.api_url = api_url
@@ -129,10 +137,7 @@ class TokenProvider:
     def _usable(self, tokens: TokenSet | None) -> TokenSet:
         """The tokens if this proxy may use them, else the error that says why not."""
         if tokens is None:
-            raise LoginRequired(
-                "not logged in to Close: run `closeproxy login`, or open /admin/login on "
-                "this proxy in a browser"
-            )
+            raise LoginRequired(f"not logged in to Close: {self.login_advice}")
         issuer = tokens.api_url.rstrip("/")
         if issuer and issuer != self.api_url.rstrip("/"):
             # Never send a grant to a server that did not issue it.
@@ -279,9 +284,11 @@ class TokenProvider:
                 "the access token expired and Close gave no refresh token (the OAuth app "
                 "lacks offline_access): run `closeproxy login` again"
             )
-        return TokenRequestRejected(
-            "the access token expired and cannot be refreshed because no client id and "
-            "secret are configured: set CLOSEPROXY_CLIENT_ID and CLOSEPROXY_CLIENT_SECRET"
+        return ClientNotConfigured(
+            "the access token expired and cannot be refreshed because no OAuth client is "
+            "configured: set the client id and secret of your Close OAuth app "
+            "(CLOSEPROXY_CLIENT_ID and CLOSEPROXY_CLIENT_SECRET, or client_id and "
+            "client_secret_file in the config file) and start closeproxy again"
         )
 
     def _start_flight(self, rejected: str | None) -> None:
@@ -304,7 +311,8 @@ class TokenProvider:
         if isinstance(exc, TokenRequestRejected):
             # Close will refuse the same credentials again: do not ask at request rate.
             self._refusal = (now + REFUSAL_COOLDOWN, exc)
-        log.warning("token refresh failed: %s", exc)
+        if self.log_failures:
+            log.warning("token refresh failed: %s", exc)
 
     async def _latest_under_lock(self) -> TokenSet | None:
         """The newest tokens, with the lock held: unsaved ones saved first, else the file."""

@@ -163,8 +163,10 @@ async def test_without_client_credentials_an_expired_token_says_what_to_set(
     settings = replace(make_settings(sim, token_file), client_id=None, client_secret=None)
     async with running(settings) as where, client.get(f"{where.url}/api/v1/me/") as resp:
         body = await resp.json()
-    assert body["closeproxy_error"] == "token_request_rejected"
+    # 401, never 5xx: Close clients retry those for minutes, and no retry can fix this
+    assert (resp.status, body["closeproxy_error"]) == (401, "client_not_configured")
     assert "CLOSEPROXY_CLIENT_ID" in body["error"]
+    assert "client_secret_file" in body["error"]
     assert sim.state.token_requests == 0
 
 
@@ -255,7 +257,7 @@ async def test_refused_client_credentials_are_not_asked_again_at_request_rate(
     async with start_proxy(client_secret=str(wrong)) as proxy:
         for _ in range(10):
             status, body = await get_me(client, proxy)
-            assert status == 502
+            assert status == 401  # not 502: a retry by the client cannot fix the credentials
             assert body["closeproxy_error"] == "token_request_rejected"
             assert "client secret" in str(body["error"])
     assert sim.state.token_requests == 1
