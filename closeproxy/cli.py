@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
@@ -21,7 +22,7 @@ from .logs import setup_logging
 from .runner import run_command
 from .server import Listening, serve
 from .store import TokenStore
-from .tokens import TokenProvider, status_document
+from .tokens import TokenProvider, refresh_due_at, status_document
 
 _CLIENT = ("client_id", "client_secret", "api_url", "token_file")
 _LOGGING = ("log_level", "log_format")
@@ -92,8 +93,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _format_duration(seconds: float) -> str:
-    if seconds <= 0:
-        return "expired"
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     if hours:
@@ -115,12 +114,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         ("API", doc.get("api_url")),
     ]
     if "expires_in" in doc:
-        rows.append(
-            (
-                "access token",
-                f"{_format_duration(doc['expires_in'])} left (expires {doc['expires_at']})",
-            )
+        left = doc["expires_in"]
+        when = (
+            f"{_format_duration(left)} left (expires {doc['expires_at']})"
+            if left > 0
+            else f"expired {_format_duration(-left)} ago (at {doc['expires_at']})"
         )
+        rows.append(("access token", when))
         rows.append(("refreshable", "yes" if doc["can_refresh"] else "no"))
     rows.append(("token file", doc["token_file"]))
     lines += [f"  {name:<13} {value}" for name, value in rows if value is not None]
@@ -142,6 +142,7 @@ async def _provider(
             oauth_client(settings, session),
             margin=settings.refresh_margin,
             api_url=str(settings.api_url),
+            log_failures=False,  # the command prints the failure itself, once
         )
         try:
             yield provider
@@ -239,7 +240,16 @@ def _quiet_level(settings: Settings) -> str:
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
-        async with _provider(settings) as provider:
+        async with _provider(settings, require_client=False) as provider:
+            stored = provider.snapshot()
+            if (
+                provider.oauth is None
+                and stored is not None
+                and stored.refresh_token is not None
+                and not stored.refresh_rejected
+                and time.time() >= refresh_due_at(stored, provider.margin)
+            ):
+                settings.require_client()  # only a due refresh needs the OAuth client
             tokens = await provider.current(wait_for_refresh=True)
         print(tokens.access_token)
         return 0
@@ -251,10 +261,10 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Command, str, str]] = {
     "serve": (
         cmd_serve,
-        "run the proxy until SIGINT/SIGTERM",
+        "run the proxy until SIGINT, SIGTERM or SIGHUP",
         "Run the proxy: forwards /api/v1/* to Close with a current OAuth token. Prints "
-        "`listening on http://HOST:PORT` once ready; SIGINT/SIGTERM drain in-flight "
-        "requests and exit 0.",
+        "`listening on http://HOST:PORT` once ready; SIGINT, SIGTERM or SIGHUP drain "
+        "in-flight requests and exit 0.",
     ),
     "login": (
         cmd_login,
