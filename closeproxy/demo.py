@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import shlex
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -39,12 +42,32 @@ async def _log_in_through_the_proxy(proxy_url: str) -> str:
         return str(page.url)
 
 
+def write_demo_config(directory: Path, sim_config: SimConfig, sim_url: str) -> Path:
+    """A config file that points every other closeproxy command at the demo."""
+    secret = directory / "client-secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(sim_config.client_secret + "\n")
+    config = directory / "config.toml"
+    # JSON strings are valid TOML basic strings; relative paths are relative to the file.
+    config.write_text(
+        "# written by `closeproxy demo`; removed when the demo stops\n"
+        f"client_id = {json.dumps(sim_config.client_id)}\n"
+        'client_secret_file = "client-secret"\n'
+        f"api_url = {json.dumps(sim_url)}\n"
+        f"app_url = {json.dumps(sim_url)}\n"
+        'token_file = "tokens.json"\n',
+        encoding="utf-8",
+    )
+    return config
+
+
 def demo_commands(url: str) -> list[str]:
     return [
         f"curl {url}/api/v1/me/",
         f"curl '{url}/api/v1/lead/?_limit=2&_fields=id,display_name'",
         f"curl -X POST {url}/api/v1/lead/ -H 'Content-Type: application/json' "
-        '-d \'{"name": "Acme Inc."}\'',
+        '-d \'{"name": "Acme"}\'',
         f"curl {url}/admin/status",
         f"curl -X POST {url}/admin/refresh",
     ]
@@ -76,6 +99,7 @@ async def demo(
                     log_level=settings.log_level,
                     log_format=settings.log_format,
                 )
+                config = write_demo_config(Path(tmp), sim_config, sim.url)
                 async with _running_somewhere(demo_settings, say) as where:
                     await _log_in_through_the_proxy(where.url)
                     say(
@@ -83,7 +107,10 @@ async def demo(
                         f"logged in to it, at {where.url}\n"
                         f"listening on {where.url}\n\nTry:\n"
                         + "".join(f"  {line}\n" for line in demo_commands(where.url))
-                        + f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
+                        + "\nTo point closeproxy status, token, refresh and run -- CMD at the "
+                        "demo (in another terminal):\n"
+                        f"  export CLOSEPROXY_CONFIG={shlex.quote(str(config))}\n"
+                        f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
                         "show up in the log. Ctrl-C stops the demo."
                     )
                     with contextlib.suppress(TimeoutError):
