@@ -1,13 +1,22 @@
-"""`closeproxy login` in a terminal: catch the redirect on loopback, or read a pasted URL."""
+"""`closeproxy login` in a terminal: catch the redirect on loopback, or read a pasted URL.
+
+With a loopback redirect URI both run at once, and the first valid answer wins: over SSH
+the browser is on another machine and its redirect never reaches the listener, so the
+address it landed on can be pasted instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import os
 import sys
 import threading
 import webbrowser
-from typing import TextIO
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -27,6 +36,11 @@ from .login import (
 )
 from .oauth import OAuthClient
 from .store import TokenSet, TokenStore
+
+# On a terminal, the countdown in front of the prompt is redrawn this often.
+TICK = 1.0
+# DEC save / restore cursor: the countdown is redrawn without moving what the user typed.
+_SAVE, _RESTORE, _CLEAR_LINE = "\0337", "\0338", "\r\033[K"
 
 
 def can_open_browser() -> bool:
@@ -60,162 +74,281 @@ async def login(
     """Run the whole login; progress goes to `err`, nothing is written unless it succeeds."""
     redirect_uri = settings.redirect_uri
     pending = start_login(settings, redirect_uri=redirect_uri, pkce=pkce)
+    flow = _Flow(settings, oauth, store, pending, err)
     if browser and is_loopback_redirect(redirect_uri):
-        return await _via_loopback(settings, oauth, store, pending, err)
-    return await _via_paste(settings, oauth, store, pending, err, browser=browser)
+        return await flow.via_loopback()
+    return await flow.via_paste(browser=browser)
 
 
-async def _via_loopback(
-    settings: Settings,
-    oauth: OAuthClient,
-    store: TokenStore,
-    pending: PendingLogin,
-    err: TextIO,
-) -> TokenSet:
-    assert pending.redirect_uri is not None
-    target = URL(pending.redirect_uri)
-    done: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
-    claimed = False
+@dataclass
+class _Flow:
+    """One login waiting for its answer, from the loopback listener or from stdin."""
 
-    async def callback(request: web.Request) -> web.StreamResponse:
-        nonlocal claimed
-        if request.path != (target.path or "/"):
-            return callback_page(404, "Not found", "This address only takes the login callback.")
-        received = Callback.from_query(parse_qs(request.query_string, keep_blank_values=True))
-        if claimed:
-            # A reload or a second tab: the state is spent the moment the first one came.
-            return callback_page(
-                400,
-                "Login link already used",
-                "This login has already been completed or refused; see the terminal.",
+    settings: Settings
+    oauth: OAuthClient
+    store: TokenStore
+    pending: PendingLogin
+    err: TextIO
+    claimed: bool = False  # set before the code exchange: one answer only, whoever wins
+    # The prompt line on a terminal: whether it is open (no newline yet), and for redraws.
+    _prompt_open: bool = field(default=False, init=False)
+    _deadline: float = field(default=0.0, init=False)
+    _listening: bool = field(default=False, init=False)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    @property
+    def on_terminal(self) -> bool:
+        return sys.stdin.isatty() and self.err.isatty()
+
+    async def show_url(self, *, browser: bool) -> None:
+        url = self.pending.url
+        if not browser:
+            self.say(f"Open this URL in a browser to log in to Close:\n\n  {url}\n")
+        elif await open_browser(url):
+            self.say(
+                "Opened a browser to log in to Close. If it did not open, or it is on another "
+                f"machine, visit:\n\n  {url}\n"
             )
-        if received.state != pending.state:
-            # Not ours (stale tab, another login, a forged link): refuse, keep waiting.
-            print(
-                "refused a callback whose state does not match this login; still waiting",
-                file=err,
-                flush=True,
+        else:
+            self.say(
+                "No browser could be opened here (no display). Open this URL in a browser, on "
+                f"any machine, to log in to Close:\n\n  {url}\n"
             )
-            return callback_page(
-                400,
-                "Login link not valid",
-                "This callback does not belong to the login that is waiting. Start again with "
-                "`closeproxy login`.",
+
+    # --- the two ways ------------------------------------------------------------------
+
+    async def via_loopback(self) -> TokenSet:
+        assert self.pending.redirect_uri is not None
+        target = URL(self.pending.redirect_uri)
+        done: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._callback_handler(target, done))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
+        await runner.setup()
+        host, port = target.host or "127.0.0.1", target.port or 80
+        try:
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {host}:{port} for the login callback "
+                    f"({exc.strerror or exc}): free the port or register another redirect URI",
+                    setting="redirect_uri",
+                ) from None
+            await self.show_url(browser=True)
+            self.say(
+                f"Waiting for the browser to come back to {target.with_query(None)}. If the "
+                "browser is on another machine, paste the address it landed on here."
             )
-        claimed = True  # before any await: a second callback must not exchange the code too
+            return await self.wait(done, listening=True)
+        finally:
+            await runner.cleanup()
+
+    async def via_paste(self, *, browser: bool) -> TokenSet:
+        await self.show_url(browser=browser)
+        self.say("Then paste the address your browser landed on (or just the code).")
+        never: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+        return await self.wait(never, listening=False)
+
+    # --- the loopback listener ---------------------------------------------------------
+
+    def _callback_handler(
+        self, target: URL, done: asyncio.Future[TokenSet]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def callback(request: web.Request) -> web.StreamResponse:
+            if request.path != (target.path or "/"):
+                return callback_page(
+                    404, "Not found", "This address only takes the login callback."
+                )
+            received = Callback.from_query(parse_qs(request.query_string, keep_blank_values=True))
+            if self.claimed:
+                # A reload, a second tab, or a pasted answer came first: the state is spent.
+                return callback_page(
+                    400,
+                    "Login link already used",
+                    "This login has already been completed or refused; see the terminal.",
+                )
+            if not self._belongs(received):
+                # Not ours (stale tab, another login, a forged link): refuse, keep waiting.
+                self.note("refused a callback whose state does not match this login; still waiting")
+                return callback_page(
+                    400,
+                    "Login link not valid",
+                    "This callback does not belong to the login that is waiting. Start again "
+                    "with `closeproxy login`.",
+                )
+            self.claimed = True  # before any await: a second callback must not exchange too
+            try:
+                tokens = await self._finish(received)
+            except CloseProxyError as exc:
+                if not done.done():
+                    done.set_exception(exc)
+                return callback_page(400, "Login failed", str(exc))
+            if not done.done():
+                done.set_result(tokens)
+            return success_page(tokens, str(self.store.path))
+
+        return callback
+
+    def _belongs(self, received: Callback) -> bool:
+        """A callback for this login (or a bare code, which the user vouches for)."""
+        if received.bare:
+            return True
+        return received.state is not None and hmac.compare_digest(
+            received.state.encode(), self.pending.state.encode()
+        )
+
+    async def _finish(self, received: Callback) -> TokenSet:
+        code = check_callback(self.pending, received)
+        return await finish_login(self.oauth, self.store, self.pending, code)
+
+    # --- waiting for whichever answer comes first --------------------------------------
+
+    async def wait(self, done: asyncio.Future[TokenSet], *, listening: bool) -> TokenSet:
+        """The tokens from `done` (the listener) or from a pasted line, whichever is first."""
+        timeout = self.settings.login_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lines = _StdinLines(loop)
+        self._prompt_open, self._deadline, self._listening = False, deadline, listening
+        interactive = self.on_terminal
+        if not interactive:
+            self.say(f"waiting for the browser… (up to {timeout:g} s; Ctrl-C to cancel)")
+        ticker = asyncio.ensure_future(self._tick(deadline)) if interactive else None
+        reading = True
+        get: asyncio.Future[str | None] | None = None
         try:
-            code = check_callback(pending, received)
-            tokens = await finish_login(oauth, store, pending, code)
-        except CloseProxyError as exc:
-            done.set_exception(exc)
-            return callback_page(400, "Login failed", str(exc))
-        done.set_result(tokens)
-        return success_page(tokens, str(store.path))
+            while True:
+                if interactive and not self._prompt_open:
+                    self._open_prompt()
+                if reading and get is None:
+                    get = asyncio.ensure_future(lines.get())
+                waiting: set[asyncio.Future[Any]] = {done}
+                if get is not None:
+                    waiting.add(get)
+                finished, _ = await asyncio.wait(
+                    waiting, timeout=max(deadline - loop.time(), 0), return_when="FIRST_COMPLETED"
+                )
+                if done in finished:
+                    self._close_prompt(erase=True)
+                    return done.result()
+                if not finished:
+                    self._close_prompt(erase=False)
+                    what = "no callback arrived" if listening else "nothing was pasted"
+                    raise LoginFailed(
+                        f"{what} within {timeout:g} s: run `closeproxy login` again (or raise "
+                        "--login-timeout)"
+                    )
+                assert get is not None
+                line, get = get.result(), None
+                self._prompt_open = False  # the user pressed Enter: the line has ended
+                if line is None:  # end of input
+                    reading = False
+                    if listening:
+                        continue
+                    raise LoginFailed(
+                        "no input: paste the URL the browser landed on into `closeproxy login`, "
+                        "or pipe it in (echo URL | closeproxy login --no-browser)"
+                    )
+                tokens = await self._pasted(line, final=not (listening or interactive))
+                if tokens is not None:
+                    return tokens
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            if get is not None:
+                get.cancel()
+            # Ctrl-C (a cancellation) or any error: end the prompt line before what follows.
+            self._close_prompt(erase=False)
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", callback)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
-    await runner.setup()
-    host, port = target.host or "127.0.0.1", target.port or 80
-    try:
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {host}:{port} for the login callback "
-                f"({exc.strerror or exc}): free the port or register another redirect URI",
-                setting="redirect_uri",
-            ) from None
-        opened = await open_browser(pending.url)
-        print(
-            (
-                "Opened your browser to log in to Close. If it did not open, visit:\n\n  "
-                if opened
-                else "Open this URL in a browser to log in to Close:\n\n  "
-            )
-            + pending.url
-            + "\n",
-            file=err,
+    async def _pasted(self, line: str, *, final: bool) -> TokenSet | None:
+        """Tokens for a valid pasted answer; None to keep waiting after a wrong one."""
+        line = line.strip()
+        if not line:
+            return None
+        received = Callback.from_pasted(line)
+        if self.claimed:
+            return None  # the listener got there first; its result arrives through `done`
+        if not self._belongs(received) and not final:
+            try:
+                check_callback(self.pending, received)
+            except LoginFailed as exc:
+                self.note(f"{exc}; still waiting")
+            return None
+        self.claimed = True
+        return await self._finish(received)
+
+    # --- the prompt and its countdown --------------------------------------------------
+
+    def note(self, text: str) -> None:
+        """A message while the prompt may be open: on its own line, then the prompt again."""
+        if not self._prompt_open:
+            self.say(text)
+            return
+        self.err.write(_CLEAR_LINE)
+        self.say(text)
+        self._open_prompt()
+
+    def _stamp(self, deadline: float) -> str:
+        left = max(int(deadline - asyncio.get_running_loop().time() + 0.999), 0)
+        return f"[{left // 60:>2}:{left % 60:02} left]"
+
+    def _open_prompt(self) -> None:
+        ask = (
+            "paste the address here, or wait for the browser"
+            if self._listening
+            else "paste it here"
         )
-        print(
-            f"waiting for the browser… (up to {settings.login_timeout:g} s; Ctrl-C to cancel)",
-            file=err,
-            flush=True,
-        )
-        try:
-            return await asyncio.wait_for(asyncio.shield(done), settings.login_timeout)
-        except TimeoutError:
-            raise LoginFailed(
-                f"no callback arrived within {settings.login_timeout:g} s: run `closeproxy "
-                "login` again (or raise --login-timeout)"
-            ) from None
-    finally:
-        await runner.cleanup()
+        self.err.write(f"{self._stamp(self._deadline)} {ask} (Ctrl-C cancels): ")
+        self.err.flush()
+        self._prompt_open = True
+
+    def _close_prompt(self, *, erase: bool) -> None:
+        if not self._prompt_open:
+            return
+        self._prompt_open = False
+        self.err.write(_CLEAR_LINE if erase else "\n")
+        self.err.flush()
+        if erase:
+            _discard_typed_input()
+
+    async def _tick(self, deadline: float) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            if self._prompt_open:
+                self.err.write(f"{_SAVE}\r{self._stamp(deadline)}{_RESTORE}")
+                self.err.flush()
 
 
-async def _via_paste(
-    settings: Settings,
-    oauth: OAuthClient,
-    store: TokenStore,
-    pending: PendingLogin,
-    err: TextIO,
-    *,
-    browser: bool,
-) -> TokenSet:
-    opened = browser and await open_browser(pending.url)
-    print(
-        (
-            "Opened your browser to log in to Close. If it did not open, visit:\n\n  "
-            if opened
-            else "Open this URL in a browser and log in to Close:\n\n  "
-        )
-        + pending.url
-        + "\n",
-        file=err,
-        flush=True,
-    )
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(
-            "Then paste the URL your browser landed on (or just the code): ",
-            end="",
-            file=err,
-            flush=True,
-        )
-    line = await _read_line(wait=settings.login_timeout)
-    if line is None:
-        raise LoginFailed(
-            f"nothing was pasted within {settings.login_timeout:g} s: run `closeproxy login` "
-            "again (or raise --login-timeout)"
-        )
-    if not line:
-        raise LoginFailed(
-            "no input: paste the URL the browser landed on into `closeproxy login`, or pipe "
-            "it in (echo URL | closeproxy login --no-browser)"
-        )
-    code = check_callback(pending, Callback.from_pasted(line))
-    return await finish_login(oauth, store, pending, code)
+def _discard_typed_input() -> None:
+    """Half-typed input must not reach the shell once the browser has answered."""
+    with contextlib.suppress(Exception):
+        import termios
+
+        termios.tcflush(sys.stdin.fileno(), termios.TCIFLUSH)
 
 
-def _settle(result: asyncio.Future[str], line: str) -> None:
-    if not result.done():
-        result.set_result(line)
+class _StdinLines:
+    """Lines from stdin, read by a daemon thread (a blocked read never holds up exit)."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._loop = loop
+        threading.Thread(target=self._read, name="closeproxy-stdin", daemon=True).start()
 
-async def _read_line(*, wait: float) -> str | None:
-    """One line from stdin; None on timeout. A daemon thread, so a timeout never hangs exit."""
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[str] = loop.create_future()
+    def _read(self) -> None:
+        while True:
+            try:
+                line = sys.stdin.readline()
+            except (OSError, ValueError):
+                line = ""
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, line or None)
+            if not line:
+                return
 
-    def read() -> None:
-        try:
-            line = sys.stdin.readline()
-        except (OSError, ValueError):
-            line = ""
-        loop.call_soon_threadsafe(_settle, result, line)
-
-    threading.Thread(target=read, name="closeproxy-stdin", daemon=True).start()
-    try:
-        return (await asyncio.wait_for(result, wait)).strip()
-    except TimeoutError:
-        return None
+    async def get(self) -> str | None:
+        """The next line; None at the end of input."""
+        return await self._queue.get()
