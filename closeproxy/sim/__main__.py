@@ -38,10 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rate-window", type=float, default=defaults.rate_window, help="rate limit window, seconds"
     )
+    # SUPPRESS keeps the formatter from printing "(default: True)" for a flag that turns
+    # something off; the value itself comes from set_defaults.
+    parser.set_defaults(auto_consent=True)
     parser.add_argument(
         "--no-auto-consent",
         dest="auto_consent",
         action="store_false",
+        default=argparse.SUPPRESS,
         help="show a consent page instead of redirecting at once",
     )
     return parser
