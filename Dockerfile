@@ -23,7 +23,8 @@ ENV CLOSEPROXY_HOST=0.0.0.0 \
 VOLUME ["/data"]
 EXPOSE 8730
 STOPSIGNAL SIGTERM
+# Asks the port the proxy is configured with (CLOSEPROXY_PORT or the config file), not 8730.
 HEALTHCHECK --interval=30s --timeout=3s \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8730/healthz', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; from closeproxy.config import load_settings; urllib.request.urlopen(f'http://127.0.0.1:{load_settings().port}/healthz', timeout=2)"]
 ENTRYPOINT ["closeproxy"]
 CMD ["serve"]
