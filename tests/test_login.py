@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import socket
 import stat
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -324,4 +328,105 @@ async def test_admin_login_with_a_redirect_uri_elsewhere_explains_instead_of_dea
             page = await resp.text()
     assert resp.status == 409
     assert "closeproxy login" in page
+    assert sim.state.token_requests == 0
+
+
+NO_BROWSER = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "BROWSER": ""}
+
+
+async def test_loopback_login_also_takes_a_pasted_address(
+    sim: RunningSim, token_file: Path
+) -> None:
+    # Over SSH the browser is on another machine: its redirect never reaches the listener,
+    # so the user pastes the address it landed on. A wrong one is refused; the right one wins.
+    redirect = f"http://127.0.0.1:{free_port()}/cb"
+    env = proxy_env(sim, token_file, CLOSEPROXY_REDIRECT_URI=redirect, **NO_BROWSER)
+    login = await LoginProcess.start(env)
+    landed = await consent(await login.authorize_url())
+    assert login.process.stdin is not None
+    login.process.stdin.write(landed.replace("state=", "state=stale").encode() + b"\n")
+    code, out, err = await login.finish(landed + "\n")
+    assert code == 0, err
+    assert "No browser could be opened here" in err
+    assert "state does not match this login" in err
+    assert "still waiting" in err
+    assert sim.state.config.user_id in out
+    assert sim.state.code_exchanges == 1
+    assert TokenStore(token_file).load() is not None
+
+
+class Terminal:
+    """A pseudo-terminal for a child's stdin, stdout and stderr, and what it printed."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.output = b""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # EIO: every copy of the slave side is closed
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    def start_reading(self) -> None:
+        os.close(self.slave)
+        self._reader.start()
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def close(self) -> None:
+        self._reader.join(5)
+        os.close(self.master)
+
+
+@pytest.mark.parametrize("mode", ["loopback", "paste"])
+async def test_on_a_terminal_login_counts_down_and_ends_its_line_on_ctrl_c(
+    sim: RunningSim, token_file: Path, mode: str
+) -> None:
+    redirect = f"http://127.0.0.1:{free_port()}/cb"
+    env = proxy_env(sim, token_file, CLOSEPROXY_REDIRECT_URI=redirect, **NO_BROWSER)
+    args = ["--login-timeout", "120"] + (["--no-browser"] if mode == "paste" else [])
+    terminal = Terminal()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "login",
+        *args,
+        env=cli_env(env),
+        stdin=terminal.slave,
+        stdout=terminal.slave,
+        stderr=terminal.slave,
+    )
+    terminal.start_reading()
+    try:
+        stamps: set[str] = set()
+        for _ in range(200):  # the countdown moves: two different stamps within 10 s
+            stamps = set(re.findall(r"\[ ?\d+:\d\d left\]", terminal.text))
+            if len(stamps) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(stamps) >= 2, terminal.text
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert await asyncio.wait_for(process.wait(), 20) == 130
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        terminal.close()
+    text = terminal.text
+    if mode == "loopback":
+        assert "No browser could be opened here" in text
+    else:
+        assert "Open this URL in a browser" in text
+    before, found, _ = text.partition("closeproxy login: interrupted")
+    assert found, text
+    assert before.endswith("\n"), repr(before[-80:])  # the prompt's line was ended first
     assert sim.state.token_requests == 0
