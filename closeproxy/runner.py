@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .config import Secret, Settings
 from .errors import CloseProxyError
-from .server import running, say_if_logged_out
+from .server import running, warn_at_start
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGINT,
@@ -59,7 +59,7 @@ async def run_command(settings: Settings, argv: Sequence[str]) -> int:
     key = secrets.token_urlsafe(32)
     private = replace(settings, host="127.0.0.1", port=0, unix_socket=None, proxy_key=Secret(key))
     async with running(private, browser_login=False) as where:
-        say_if_logged_out(private, browser_login=False, proxy_url=where.url)
+        warn_at_start(private, browser_login=False, proxy_url=where.url)
         try:
             child = await asyncio.create_subprocess_exec(
                 *argv, env=child_environment(os.environ, where.url, key)

@@ -148,13 +148,23 @@ def _bound_port(addresses: list[object], wanted: int) -> int:
     return wanted
 
 
-def say_if_logged_out(settings: Settings, *, browser_login: bool, proxy_url: str | None) -> None:
-    """One warning at start when /api/v1/ can only answer 401 until someone logs in."""
+def warn_at_start(settings: Settings, *, browser_login: bool, proxy_url: str | None) -> None:
+    """One warning at start when /api/v1/ answers, or soon will answer, only 401s."""
     try:
         tokens = TokenStore(settings.token_file).load()
     except TokenStoreError:
         return  # every request reports this one, with its own fix
     if tokens is not None and not tokens.refresh_rejected:
+        if tokens.refresh_token is not None and (
+            not settings.client_id or settings.client_secret is None
+        ):
+            log.warning(
+                "no client id and secret are configured, so the access token cannot be "
+                "refreshed and /api/v1/ answers 401 client_not_configured once it expires "
+                "(in %.0f s): set CLOSEPROXY_CLIENT_ID and CLOSEPROXY_CLIENT_SECRET (or "
+                "client_id and client_secret_file in the config file)",
+                max(tokens.expires_in(), 0),
+            )
         return
     what = "not logged in" if tokens is None else "the stored grant was rejected by Close"
     advice = login_advice(settings, browser_login=browser_login, proxy_url=proxy_url)
@@ -181,7 +191,7 @@ async def serve(
         async with running(settings) as where:
             on_ready(where)
             log.info("proxy for %s listening on %s", settings.api_url, where.url)
-            say_if_logged_out(
+            warn_at_start(
                 settings,
                 browser_login=True,
                 proxy_url=where.url if where.port is not None else None,

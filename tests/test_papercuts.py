@@ -200,6 +200,22 @@ async def test_serve_says_nothing_when_logged_in(
     assert "not logged in" not in server.logs
 
 
+async def test_serve_warns_at_start_when_the_token_cannot_be_refreshed(
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+) -> None:
+    seed_tokens(sim, token_file)
+    env = proxy_env(sim, token_file)
+    del env["CLOSEPROXY_CLIENT_ID"], env["CLOSEPROXY_CLIENT_SECRET"]
+    server = await asyncio.to_thread(start_serve, env)
+    serve_processes.append(server)
+    await wait_for(lambda: "cannot be refreshed" in server.logs)
+    async with aiohttp.ClientSession() as client, client.get(f"{server.url}/api/v1/me/") as resp:
+        assert resp.status == 200  # the token is still valid: it is served meanwhile
+    (line,) = [line for line in server.stderr if "cannot be refreshed" in line]
+    assert "CLOSEPROXY_CLIENT_ID" in line
+    assert "client_not_configured" in line
+
+
 async def test_run_says_so_and_its_401_gives_advice_that_works_there(
     sim: RunningSim, token_file: Path
 ) -> None:
