@@ -15,7 +15,8 @@
         └── TokenStoreError          500 token_store_error: the token file or its lock
                                      cannot be used
 
-Problems a retry cannot fix are never 5xx: Close clients retry 502/503/504 for minutes.
+Set-up problems (no client configured, client refused) are 401, not 5xx: Close clients
+retry 502/503/504 for minutes, and no retry fixes those.
 Messages never contain a token, a client secret or a proxy key: they are shown to
 clients of the proxy and written to logs.
 """
