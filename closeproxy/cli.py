@@ -270,9 +270,10 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         cmd_login,
         "log in to Close in a browser and store the tokens",
         "Log in with the OAuth authorization code flow. With a loopback redirect URI "
-        "(http://127.0.0.1:PORT/...) the browser's redirect is caught on that port; "
-        "otherwise, or with --no-browser, paste the URL the browser landed on. State "
-        "and PKCE (S256) protect the exchange.",
+        "(http://127.0.0.1:PORT/...) the browser's redirect is caught on that port, and a "
+        "pasted landing URL is taken too (for a browser on another machine); otherwise, or "
+        "with --no-browser, paste the URL the browser landed on. State and PKCE (S256) "
+        "protect the exchange.",
     ),
     "status": (
         cmd_status,
