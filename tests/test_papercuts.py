@@ -127,7 +127,7 @@ async def demo() -> AsyncIterator[tuple[str, str, str]]:
 
 
 async def test_the_demo_prints_one_line_that_points_the_other_commands_at_it(
-    demo: tuple[str, str, str], tmp_path: Path
+    demo: tuple[str, str, str],
 ) -> None:
     proxy_url, sim_url, config = demo
     env = {"CLOSEPROXY_CONFIG": config}
