@@ -10,6 +10,13 @@ import sys
 from closeproxy.sim.app import SimConfig, run_sim
 
 
+def _group_limit(text: str) -> tuple[str, int]:
+    group, _, limit = text.rpartition("=")
+    if not group.strip() or not limit.isdigit():
+        raise argparse.ArgumentTypeError(f'expected GROUP=N like "GET lead=20", got {text!r}')
+    return group.strip(), int(limit)
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults = SimConfig()
     parser = argparse.ArgumentParser(
@@ -39,11 +46,23 @@ def _parser() -> argparse.ArgumentParser:
         "--rate-window", type=float, default=defaults.rate_window, help="rate limit window, seconds"
     )
     parser.add_argument(
+        "--group-rate-limit",
+        metavar="GROUP=N",
+        action="append",
+        type=_group_limit,
+        default=argparse.SUPPRESS,
+        help='requests per window for one endpoint group, e.g. "GET lead=20"; "*=N" covers '
+        "every group not named; repeatable (default: no group limits)",
+    )
+    parser.add_argument(
         "--no-auto-consent",
         dest="auto_consent",
         action="store_false",
-        help="show a consent page instead of redirecting at once",
+        default=argparse.SUPPRESS,
+        help="show a consent page instead of redirecting at once "
+        "(default: redirect at once, as if the user clicked Allow)",
     )
+
     return parser
 
 
@@ -57,8 +76,17 @@ async def _serve(config: SimConfig, host: str, port: int) -> None:
         await stop.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = _parser().parse_args(argv)
+    # Defaults of the SUPPRESSed options, whose generated "(default: ...)" would mislead.
+    for name, value in (("auto_consent", True), ("group_rate_limit", [])):
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     config = SimConfig(
         client_id=args.client_id,
         client_secret=args.client_secret,
@@ -66,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         auto_consent=args.auto_consent,
         rate_limit=args.rate_limit,
         rate_window=args.rate_window,
+        group_rate_limits=dict(args.group_rate_limit),
     )
     try:
         asyncio.run(_serve(config, args.host, args.port))

@@ -12,9 +12,10 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from closeproxy.sim import payloads
+from closeproxy.sim import payloads, ratelimit
 from closeproxy.sim.leads import project
-from closeproxy.sim.state import SIM_STATE, RateVerdict, RecordedRequest, SimState
+from closeproxy.sim.ratelimit import RateVerdict
+from closeproxy.sim.state import SIM_STATE, RecordedRequest, SimState
 
 API_PREFIX: str = "/api/v1/"
 ECHO_TEXT_LIMIT: int = 64 * 1024
@@ -24,6 +25,7 @@ LIST_LIMIT_DEFAULT: int = 100
 LIST_LIMIT_MAX: int = 200
 REDIRECT_STATUSES: frozenset[int] = frozenset({301, 302, 303, 307, 308})
 BODYLESS_STATUSES: frozenset[int] = frozenset({204, 304})
+RATE_GROUP = web.RequestKey("sim_rate_group", str)  # the endpoint group of the request
 
 
 class BadRequest(Exception):
@@ -88,20 +90,16 @@ def _bearer_token(request: web.Request) -> str | None:
     return token
 
 
-def _too_many(verdict: RateVerdict) -> web.Response:
-    # Close's (now deprecated) body shape; the headers are what clients should read.
-    body = {
-        "error": {
-            "message": "API call count exceeded for this period",
-            "rate_reset": round(verdict.reset, 3),
-            "rate_limit": verdict.limit,
-        }
-    }
-    headers = {"Retry-After": str(verdict.retry_after()), "RateLimit": verdict.header()}
-    return web.json_response(body, status=429, headers=headers)
+def _too_many(verdict: RateVerdict, state: SimState) -> web.Response:
+    config = state.config
+    return web.json_response(
+        ratelimit.too_many_body(verdict, config),
+        status=429,
+        headers=ratelimit.too_many_headers(verdict, config),
+    )
 
 
-def _refusal(request: web.Request, state: SimState) -> web.Response | None:
+def _refusal(request: web.Request, state: SimState, group: str) -> web.Response | None:
     token = _bearer_token(request)
     if token is None or not state.access_token_valid(token):
         state.rejected_api_requests += 1
@@ -110,9 +108,9 @@ def _refusal(request: web.Request, state: SimState) -> web.Response | None:
         state.force_401 -= 1
         state.rejected_api_requests += 1
         return error("Unauthorized", 401)
-    verdict = state.take_rate_slot()
+    verdict = state.rate.take(group)
     if verdict is not None and not verdict.allowed:
-        return _too_many(verdict)
+        return _too_many(verdict, state)
     return None
 
 
@@ -131,13 +129,14 @@ def gated(handler: ApiHandler) -> Handler:
         )
         state.log_api(record)
         state.api_requests += 1
+        group = request[RATE_GROUP] = state.rate.group(request.method, request.path)
         body = BodyMeter(request, record)
         if not request.can_read_body:
             # Completes the record before a streaming handler sends its last byte.
             await body.drain()
         if state.api_delay > 0:
             await asyncio.sleep(state.api_delay)
-        response: web.StreamResponse | None = _refusal(request, state)
+        response: web.StreamResponse | None = _refusal(request, state, group)
         try:
             if response is None:
                 try:
@@ -159,9 +158,11 @@ async def add_rate_limit_header(request: web.Request, response: web.StreamRespon
     """on_response_prepare hook: every /api/v1/ answer says where the rate limit stands."""
     if not request.path.startswith(API_PREFIX) or "RateLimit" in response.headers:
         return
-    verdict = request.app[SIM_STATE].rate_status()
+    state = request.app[SIM_STATE]
+    group = request.get(RATE_GROUP) or state.rate.group(request.method, request.path)
+    verdict = state.rate.status(group)
     if verdict is not None:
-        response.headers["RateLimit"] = verdict.header()
+        response.headers["RateLimit"] = ratelimit.ratelimit_header(verdict, state.config)
 
 
 # --- query parsing ----------------------------------------------------------
@@ -308,15 +309,32 @@ async def download(request: web.Request, call: ApiCall) -> web.StreamResponse:
         response.enable_chunked_encoding()
     else:
         response.content_length = total
+    # cut_after=N: hang up after N body bytes, as a dying upstream would.
+    cut_after: int | None = _int_param(request, "cut_after", -1, 0, 1 << 50)
+    if cut_after == -1:
+        cut_after = None
     await response.prepare(request)
     # StreamResponse does not suppress writes for HEAD; a body here would corrupt the stream.
     if request.method != "HEAD":
+        sent = 0
         for index, piece in enumerate(payloads.download_chunks(total, chunk)):
             if index and delay:
                 await asyncio.sleep(delay)
+            if cut_after is not None and sent + len(piece) >= cut_after:
+                await response.write(piece[: cut_after - sent])
+                _hang_up(request)
+                return response
             await response.write(piece)
+            sent += len(piece)
     await response.write_eof()
     return response
+
+
+def _hang_up(request: web.Request) -> None:
+    """Close the connection mid-body, as a dying upstream does; what was written is flushed."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
 
 
 async def upload(request: web.Request, call: ApiCall) -> web.StreamResponse:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from closeproxy.sim import api, control, oauth
-from closeproxy.sim.state import SIM_STATE, RecordedRequest, SimConfig, SimState
+from closeproxy.sim.config import SimConfig
+from closeproxy.sim.state import SIM_STATE, RecordedRequest, SimState
 
 __all__ = [
     "SIM_STATE",

@@ -14,12 +14,14 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from aiohttp import web
 
+from closeproxy.sim.config import CONFIG_KNOBS, SimConfig, boolean, nonneg_float, nonneg_int
 from closeproxy.sim.leads import LeadStore
+from closeproxy.sim.ratelimit import GroupStats, RateLimiter
 
 TokenMode = Literal["ok", "down", "drop", "slow", "lose_reply"]
 TOKEN_MODES: frozenset[str] = frozenset(get_args(TokenMode))
@@ -29,22 +31,6 @@ REFRESH_PREFIX: str = "simref_"
 CODE_PREFIX: str = "simcode_"
 SCOPE: str = "all.full_access offline_access"
 CODE_LIFETIME: float = 60.0
-
-
-@dataclass
-class SimConfig:
-    """How the simulated Close is set up; fields marked live are read on every request."""
-
-    client_id: str = "sim-client"
-    client_secret: str = field(default="sim-secret", repr=False)
-    token_lifetime: float = 3600.0  # live
-    organization_id: str = "orga_sim"
-    user_id: str = "user_sim"
-    auto_consent: bool = True  # live
-    rate_limit: int | None = None  # live; requests per window on /api/v1/
-    rate_window: float = 1.0  # live
-    default_redirect_uri: str = "https://example.com/callback/close"
-    log_limit: int | None = 10_000  # newest entries kept in each log; None keeps all
 
 
 @dataclass
@@ -71,23 +57,6 @@ class OAuthError(Exception):
         self.error = error
         self.description = description
         self.status = status
-
-
-@dataclass
-class RateVerdict:
-    """Outcome of taking one slot from the fixed-window rate limiter."""
-
-    allowed: bool
-    limit: int
-    remaining: int
-    reset: float  # seconds until the window starts over
-
-    def header(self) -> str:
-        return f"limit={self.limit}, remaining={self.remaining}, reset={round(self.reset, 3):g}"
-
-    def retry_after(self) -> int:
-        # Retry-After is whole seconds; rounding down would invite an early retry.
-        return max(1, math.ceil(self.reset))
 
 
 @dataclass(eq=False)
@@ -126,35 +95,6 @@ def s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def _nonneg_float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("expected a number >= 0")
-    return float(value)
-
-
-def _positive_float(value: object) -> float:
-    number = _nonneg_float(value)
-    if number == 0:
-        raise ValueError("expected a number > 0")
-    return number
-
-
-def _nonneg_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("expected an integer >= 0")
-    return value
-
-
-def _optional_nonneg_int(value: object) -> int | None:
-    return None if value is None else _nonneg_int(value)
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
 def _token_mode(value: object) -> str:
     if not isinstance(value, str) or value not in TOKEN_MODES:
         raise ValueError(f"expected one of {sorted(TOKEN_MODES)}")
@@ -164,18 +104,11 @@ def _token_mode(value: object) -> str:
 # Knobs living on SimState; each parser validates a JSON value from /_sim/control.
 STATE_KNOBS: dict[str, Callable[[object], object]] = {
     "token_endpoint": _token_mode,
-    "token_delay": _nonneg_float,
-    "force_401": _nonneg_int,
-    "revoke_old_access_on_refresh": _boolean,
-    "api_delay": _nonneg_float,
-    "deny": _boolean,
-}
-# Knobs living on SimConfig, read live so they can change while the simulator runs.
-CONFIG_KNOBS: dict[str, Callable[[object], object]] = {
-    "token_lifetime": _nonneg_float,
-    "auto_consent": _boolean,
-    "rate_limit": _optional_nonneg_int,
-    "rate_window": _positive_float,
+    "token_delay": nonneg_float,
+    "force_401": nonneg_int,
+    "revoke_old_access_on_refresh": boolean,
+    "api_delay": nonneg_float,
+    "deny": boolean,
 }
 
 
@@ -185,6 +118,7 @@ class SimState:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config if config is not None else SimConfig()
         self.leads = LeadStore(self.config.organization_id)
+        self.rate = RateLimiter(self.config)
 
         self.token_endpoint: TokenMode = "ok"  # noqa: S105 -- a mode name, not a secret
         self.token_delay = 0.0
@@ -210,8 +144,7 @@ class SimState:
         self.api_log: list[RecordedRequest] = []
         self.token_log: list[dict[str, str]] = []
         self.revoke_log: list[dict[str, str]] = []
-        self._window_start = -math.inf
-        self._window_count = 0
+        self.rate.reset()
 
     def log_api(self, record: RecordedRequest) -> None:
         self.api_log.append(record)
@@ -385,29 +318,10 @@ class SimState:
             "user_id": self.config.user_id,
         }
 
-    # --- rate limit -------------------------------------------------------
-
-    def take_rate_slot(self) -> RateVerdict | None:
-        """Count one /api/v1/ request against the fixed window; None when the limit is off."""
-        verdict = self.rate_status()
-        if verdict is None or not verdict.allowed:
-            return verdict
-        self._window_count += 1
-        verdict.remaining -= 1
-        return verdict
-
-    def rate_status(self) -> RateVerdict | None:
-        limit = self.config.rate_limit
-        if limit is None:
-            return None
-        window = self.config.rate_window
-        now = time.monotonic()
-        if now - self._window_start >= window:
-            self._window_start = now
-            self._window_count = 0
-        remaining = max(0, limit - self._window_count)
-        reset = self._window_start + window - now
-        return RateVerdict(allowed=remaining > 0, limit=limit, remaining=remaining, reset=reset)
+    @property
+    def rate_groups(self) -> dict[str, GroupStats]:
+        """Per endpoint group (``"GET lead"``): hits, 429s sent, early arrivals."""
+        return self.rate.groups
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
