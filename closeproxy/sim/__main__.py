@@ -6,8 +6,18 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 from closeproxy.sim.app import SimConfig, run_sim
+from closeproxy.sim.org import DataFileError
+
+MAX_SEED: int = 100_000
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {MAX_SEED}")
+    return int(text)
 
 
 def _group_limit(text: str) -> tuple[str, int]:
@@ -44,6 +54,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rate-window", type=float, default=defaults.rate_window, help="rate limit window, seconds"
+    )
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="build an organization with this many leads (and their contacts, "
+        "opportunities, tasks, activities, events), the same for the same number; "
+        "default: the five classic demo leads",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="keep the data in DIR/organization.json: loaded at start if present (then "
+        "--seed is not used), saved after every change; default: memory only",
     )
     parser.add_argument(
         "--group-rate-limit",
@@ -95,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         rate_limit=args.rate_limit,
         rate_window=args.rate_window,
         group_rate_limits=dict(args.group_rate_limit),
+        seed=args.seed,
+        data_dir=args.data,
     )
     try:
         asyncio.run(_serve(config, args.host, args.port))
+    except DataFileError as exc:
+        print(f"{exc}; move it away or pick another --data DIR", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

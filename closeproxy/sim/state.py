@@ -19,8 +19,10 @@ from typing import Any, Literal, get_args
 
 from aiohttp import web
 
+from closeproxy.sim import seed
 from closeproxy.sim.config import CONFIG_KNOBS, SimConfig, boolean, nonneg_float, nonneg_int
-from closeproxy.sim.leads import LeadStore
+from closeproxy.sim.leads import Leads
+from closeproxy.sim.org import Organization
 from closeproxy.sim.ratelimit import GroupStats, RateLimiter
 
 TokenMode = Literal["ok", "down", "drop", "slow", "lose_reply"]
@@ -117,7 +119,11 @@ class SimState:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config if config is not None else SimConfig()
-        self.leads = LeadStore(self.config.organization_id)
+        self.org = Organization(self.config.organization_id, self.config.data_dir)
+        if not self.org.load():
+            seed.build(self.org, seed=self.config.seed, user_id=self.config.user_id)
+            self.org.save()
+        self.leads = Leads(self.org, self.config.user_id)
         self.rate = RateLimiter(self.config)
 
         self.token_endpoint: TokenMode = "ok"  # noqa: S105 -- a mode name, not a secret
