@@ -81,7 +81,7 @@ def _tap_python(cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tap_python(pytestconfig: pytest.Config) -> Path:
     root = os.environ.get("CLOSEPROXY_TEST_CACHE")
-    cache = Path(root) if root else pytestconfig.cache.mkdir("tools")  # type: ignore[union-attr]
+    cache = Path(root) if root else pytestconfig.cache.mkdir("tools")
     return _tap_python(cache)
 
 
