@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -81,7 +82,12 @@ def _tap_python(cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tap_python(pytestconfig: pytest.Config) -> Path:
     root = os.environ.get("CLOSEPROXY_TEST_CACHE")
-    cache = Path(root) if root else pytestconfig.cache.mkdir("tools")
+    if root:
+        cache = Path(root)
+    elif pytestconfig.cache is not None:
+        cache = pytestconfig.cache.mkdir("tools")
+    else:  # pytest -p no:cacheprovider
+        cache = Path(tempfile.gettempdir()) / "closeproxy-test-cache"
     return _tap_python(cache)
 
 
