@@ -386,3 +386,36 @@ async def test_any_payload_is_answered_200_or_close_shaped_400_never_500(
         assert isinstance(body["error"], str)
         assert isinstance(body["errors"], list)
         assert isinstance(body["field-errors"], dict)
+
+
+async def test_logins_survive_a_restart_with_data_dir_and_rotation_stays_strict(tmp_path):
+    form = {"client_id": "sim-client", "client_secret": "sim-secret", "grant_type": "refresh_token"}
+    async with run_sim(SimConfig(data_dir=tmp_path)) as sim:
+        first = sim.state.issue_tokens()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                sim.url + "/oauth2/token/", data={**form, "refresh_token": first["refresh_token"]}
+            ) as resp:
+                second = await resp.json()
+                assert resp.status == 200
+    assert (tmp_path / "tokens.json").stat().st_mode & 0o777 == 0o600
+    async with run_sim(SimConfig(data_dir=tmp_path)) as sim, aiohttp.ClientSession() as session:
+        me = f"{sim.url}/api/v1/me/"
+        async with session.get(
+            me, headers={"Authorization": f"Bearer {second['access_token']}"}
+        ) as r:
+            assert r.status == 200
+        async with session.post(
+            sim.url + "/oauth2/token/", data={**form, "refresh_token": second["refresh_token"]}
+        ) as resp:
+            assert resp.status == 200
+            third = await resp.json()
+        # The first refresh token was spent before the restart: reuse still kills the family.
+        async with session.post(
+            sim.url + "/oauth2/token/", data={**form, "refresh_token": first["refresh_token"]}
+        ) as resp:
+            assert (resp.status, (await resp.json())["error"]) == (400, "invalid_grant")
+        async with session.get(
+            me, headers={"Authorization": f"Bearer {third['access_token']}"}
+        ) as r:
+            assert r.status == 401

@@ -68,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         type=Path,
         default=None,
-        help="keep the data in DIR/organization.json: loaded at start if present (then "
-        "--seed is not used), saved after every change; default: memory only",
+        help="keep the data in DIR/organization.json and the logins in DIR/tokens.json: "
+        "loaded at start if present (then --seed is not used), saved after every change; "
+        "default: memory only",
     )
     parser.add_argument(
         "--group-rate-limit",

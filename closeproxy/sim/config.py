@@ -32,7 +32,8 @@ class SimConfig:
     log_limit: int | None = 10_000  # newest entries kept in each log; None keeps all
     # Data: None keeps the five classic demo leads; a number builds a whole organization.
     seed: int | None = None
-    data_dir: Path | None = None  # where the data is kept across restarts; None: memory only
+    # Where the data and the issued tokens are kept across restarts; None: memory only.
+    data_dir: Path | None = None
 
 
 def nonneg_float(value: object) -> float:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from aiohttp import web
@@ -22,7 +25,7 @@ from aiohttp import web
 from closeproxy.sim import seed
 from closeproxy.sim.config import CONFIG_KNOBS, SimConfig, boolean, nonneg_float, nonneg_int
 from closeproxy.sim.leads import Leads
-from closeproxy.sim.org import Organization
+from closeproxy.sim.org import DataFileError, Organization
 from closeproxy.sim.ratelimit import GroupStats, RateLimiter
 
 TokenMode = Literal["ok", "down", "drop", "slow", "lose_reply"]
@@ -33,6 +36,7 @@ REFRESH_PREFIX: str = "simref_"
 CODE_PREFIX: str = "simcode_"
 SCOPE: str = "all.full_access offline_access"
 CODE_LIFETIME: float = 60.0
+TOKENS_FILE: str = "tokens.json"
 
 
 @dataclass
@@ -136,6 +140,7 @@ class SimState:
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
         self._codes: dict[str, _AuthCode] = {}
+        self._load_tokens()
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -213,6 +218,7 @@ class SimState:
     def expire_access_token(self, token: str) -> None:
         """Make an access token invalid as if its time ran out; KeyError if unknown."""
         self._access[token].expires_at = -math.inf
+        self._save_tokens()
 
     def access_token_valid(self, token: str) -> bool:
         record = self._access.get(token)
@@ -259,6 +265,7 @@ class SimState:
             self.reuse_detected += 1
             if grant.family is not None:
                 grant.family.alive = False
+                self._save_tokens()
             raise OAuthError("invalid_grant", "Authorization code was already used.")
         if time.monotonic() >= grant.expires_at:
             raise OAuthError("invalid_grant", "Authorization code expired.")
@@ -288,6 +295,7 @@ class SimState:
         if record.spent:
             self.reuse_detected += 1
             record.family.alive = False
+            self._save_tokens()
             raise OAuthError("invalid_grant", "Refresh token was already used.")
         if not record.family.alive:
             raise OAuthError("invalid_grant", "Refresh token was revoked.")
@@ -307,6 +315,7 @@ class SimState:
         access = self._access.get(token)
         if access is not None:
             access.revoked = True
+        self._save_tokens()
 
     def _token_reply(self, family: _Family) -> dict[str, object]:
         lifetime = self.config.token_lifetime
@@ -314,6 +323,8 @@ class SimState:
         refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
         self._access[access] = _AccessToken(family, time.monotonic() + lifetime)
         self._refresh[refresh] = _RefreshToken(family)
+        # The spent refresh token and the new pair reach the disk together.
+        self._save_tokens()
         return {
             "token_type": "Bearer",
             "access_token": access,
@@ -323,6 +334,60 @@ class SimState:
             "organization_id": self.config.organization_id,
             "user_id": self.config.user_id,
         }
+
+    # --- tokens on disk, with --data: a restarted simulator keeps its logins --------
+
+    def _tokens_path(self) -> Path | None:
+        data_dir = self.config.data_dir
+        return None if data_dir is None else data_dir / TOKENS_FILE
+
+    def _save_tokens(self) -> None:
+        path = self._tokens_path()
+        if path is None:
+            return
+        families: dict[int, _Family] = {}
+        for family in [r.family for r in self._access.values()] + [
+            r.family for r in self._refresh.values()
+        ]:
+            families.setdefault(id(family), family)
+        number = {key: index for index, key in enumerate(families)}
+        wall = time.time() - time.monotonic()
+        document = {
+            "families": [family.alive for family in families.values()],
+            "access": {
+                token: [number[id(r.family)], r.expires_at + wall, r.revoked]
+                for token, r in self._access.items()
+                if math.isfinite(r.expires_at)
+            },
+            "refresh": {
+                token: [number[id(r.family)], r.spent] for token, r in self._refresh.items()
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(document, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    def _load_tokens(self) -> None:
+        path = self._tokens_path()
+        if path is None or not path.exists():
+            return
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            families = [_Family(alive=bool(alive)) for alive in document["families"]]
+            wall = time.time() - time.monotonic()
+            for token, (family, expires_at, revoked) in document["access"].items():
+                self._access[token] = _AccessToken(
+                    families[family], float(expires_at) - wall, bool(revoked)
+                )
+            for token, (family, spent) in document["refresh"].items():
+                self._refresh[token] = _RefreshToken(families[family], bool(spent))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise DataFileError(f"{path} is not simulator token data: {exc}") from None
 
     @property
     def rate_groups(self) -> dict[str, GroupStats]:
