@@ -419,3 +419,19 @@ async def test_logins_survive_a_restart_with_data_dir_and_rotation_stays_strict(
             me, headers={"Authorization": f"Bearer {third['access_token']}"}
         ) as r:
             assert r.status == 401
+
+
+async def test_events_of_one_request_share_its_request_id_and_stats_count_the_data(api: Api):
+    lead = await api.ok(
+        "POST", "lead/", {"name": "Two Contacts Co", "contacts": [{"name": "A"}, {"name": "B"}]}
+    )
+    note = await api.ok("POST", "activity/note/", {"lead_id": lead["id"], "note": "hello"})
+    events = (await api.ok("GET", "event/", lead_id=lead["id"]))["data"]
+    by_object = {event["object_id"]: event["request_id"] for event in events}
+    creating = {by_object[lead["id"]], *(by_object[c["id"]] for c in lead["contacts"])}
+    assert len(creating) == 1
+    assert by_object[note["id"]] not in creating
+    async with api.session.get(api.sim.url + "/_sim/stats") as resp:
+        data = (await resp.json())["data"]
+    assert data["leads"] == SEED + 1
+    assert data["events"] == len(api.sim.state.org.events)

@@ -44,6 +44,7 @@ async def stats(request: web.Request) -> web.Response:
             "counters": state.counters(),
             "knobs": state.knobs(),
             "rate_groups": state.rate.snapshot(),
+            "data": state.org.counts(),
         }
     )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from closeproxy.sim import ratelimit
+from closeproxy.sim.org import REQUEST_ID, new_id
 from closeproxy.sim.ratelimit import RateVerdict
 from closeproxy.sim.rest import ApiError
 from closeproxy.sim.state import SIM_STATE, RecordedRequest, SimState
@@ -121,6 +122,7 @@ def gated(handler: ApiHandler) -> Handler:
         state.log_api(record)
         state.api_requests += 1
         group = request[RATE_GROUP] = state.rate.group(request.method, request.path)
+        REQUEST_ID.set(new_id("req"))  # task-local: each request runs in its own task
         body = BodyMeter(request, record)
         if not request.can_read_body:
             # Completes the record before a streaming handler sends its last byte.

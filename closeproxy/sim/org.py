@@ -9,6 +9,7 @@ simulator serves the same data.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import secrets
@@ -47,6 +48,12 @@ OBJECT_TYPES: dict[str, str] = {
 
 class DataFileError(Exception):
     """The data directory holds a file that is not simulator data (or cannot be read)."""
+
+
+# The id of the API request being answered: the events one request causes share it.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sim_request_id", default=None
+)
 
 
 def now_iso() -> str:
@@ -133,6 +140,9 @@ class Organization:
         user = None if user_id is None else self.users.get(user_id)
         return None if user is None else str(user["display_name"])
 
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.collection(name)) for name in COLLECTIONS}
+
     def collection(self, name: str) -> Collection:
         found: Collection = getattr(self, name)
         return found
@@ -199,7 +209,9 @@ class Organization:
             "date_updated": stamp,
             "organization_id": self.organization_id,
             "user_id": user_id,
-            "request_id": new_id("req") if event_id is None else f"req_{event_id[3:]}",
+            "request_id": f"req_{event_id[3:]}"
+            if event_id is not None
+            else REQUEST_ID.get() or new_id("req"),
             "api_key_id": None,
             "oauth_client_id": None,
             "oauth_scope": None,
