@@ -105,6 +105,13 @@ async def test_data_dir_survives_a_restart(tmp_path: Path):
         async with aiohttp.ClientSession() as session:
             api = Api(session, sim)
             lead = await api.ok("POST", "lead/", {"name": "Persisted Co"})
+            # Written soon, not only at shutdown: a killed simulator loses a moment at most.
+            saved = tmp_path / "organization.json"
+            for _ in range(500):
+                if "Persisted Co" in saved.read_text():
+                    break
+                await asyncio.sleep(0.01)
+            assert "Persisted Co" in saved.read_text()
             await api.ok("POST", "activity/note/", {"lead_id": lead["id"], "note": "kept"})
             first = next(iter(sim.state.org.leads))
             await api.ok("DELETE", f"lead/{first['id']}/")

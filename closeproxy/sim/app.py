@@ -52,7 +52,13 @@ def create_sim_app(config: SimConfig | None = None) -> web.Application:
     api.add_routes(app)
     control.add_routes(app)
     app.on_response_prepare.append(gate.add_rate_limit_header)
+    app.on_cleanup.append(_flush_data)
     return app
+
+
+async def _flush_data(app: web.Application) -> None:
+    """Whatever changed in the last moments reaches the data directory before exit."""
+    app[SIM_STATE].org.flush()
 
 
 @dataclass(frozen=True)

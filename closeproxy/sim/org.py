@@ -9,6 +9,7 @@ simulator serves the same data.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import os
@@ -21,6 +22,9 @@ from typing import Any
 Record = dict[str, Any]
 
 DATA_FILE: str = "organization.json"
+# Changes within this many seconds are written together: a whole organization is
+# megabytes of JSON, too much to rewrite for every call of a bulk script.
+SAVE_DELAY: float = 0.2
 DATA_VERSION: int = 1
 COLLECTIONS: tuple[str, ...] = (
     "users",
@@ -99,6 +103,8 @@ class Organization:
         self.organization_id = organization_id
         self.data_dir = data_dir
         self.seed: int | None = None
+        self._dirty = False
+        self._pending: asyncio.TimerHandle | None = None
         self.users = Collection()
         self.lead_statuses = Collection()
         self.opportunity_statuses = Collection()
@@ -233,9 +239,26 @@ class Organization:
         return None if self.data_dir is None else self.data_dir / DATA_FILE
 
     def save(self) -> None:
-        path = self.path()
-        if path is None:
+        """Write the data soon (at once outside an event loop); ``flush`` forces it."""
+        if self.path() is None:
             return
+        self._dirty = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._pending is None:
+            self._pending = loop.call_later(SAVE_DELAY, self.flush)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        path = self.path()
+        if path is None or not self._dirty:
+            return
+        self._dirty = False
         path.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "version": DATA_VERSION,

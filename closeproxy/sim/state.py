@@ -127,6 +127,7 @@ class SimState:
         if not self.org.load():
             seed.build(self.org, seed=self.config.seed, user_id=self.config.user_id)
             self.org.save()
+            self.org.flush()  # a fresh organization is on disk before the first request
         self.leads = Leads(self.org, self.config.user_id)
         self.rate = RateLimiter(self.config)
 
