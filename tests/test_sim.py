@@ -878,3 +878,50 @@ async def test_download_is_exact_past_the_pattern_period_with_the_largest_chunk(
             size += len(piece)
     assert size == total
     assert digest.hexdigest() == expected.hexdigest() == download_sha256(total)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param({"bytes": "100000", "cut_after": "12345"}, id="content-length"),
+        pytest.param(
+            {"bytes": "100000", "cut_after": "70000", "chunk": "7000", "chunked": "1"},
+            id="chunked-on-a-chunk-boundary",
+        ),
+        pytest.param({"bytes": "100", "cut_after": "0"}, id="before-any-byte"),
+    ],
+)
+async def test_download_cut_after_hangs_up_after_exactly_n_bytes(sim, session, params):
+    token = sim.state.issue_tokens()["access_token"]
+    received = bytearray()
+
+    async def read_all() -> None:
+        async with session.get(
+            sim.url + "/api/v1/_sim/download", params=params, headers=bearer(token)
+        ) as resp:
+            assert resp.status == 200
+            async for piece in resp.content.iter_any():
+                received.extend(piece)
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all()
+    cut = int(params["cut_after"])
+    assert len(received) == cut
+    pattern = hashlib.shake_256(b"closeproxy.sim download").digest(cut)
+    assert received == pattern[:cut]
+    assert await api_status(session, sim, token) == 200
+
+
+def test_standalone_help_states_true_defaults():
+    from closeproxy.sim.__main__ import _parser, parse_args
+
+    text = " ".join(_parser().format_help().split())
+    consent = text[text.index("--no-auto-consent") :]
+    assert "(default: True)" not in consent
+    assert "default: redirect at once" in consent
+    args = parse_args([])
+    assert args.auto_consent is True
+    assert args.group_rate_limit == []
+    args = parse_args(["--no-auto-consent", "--group-rate-limit", "GET lead=3"])
+    assert args.auto_consent is False
+    assert args.group_rate_limit == [("GET lead", 3)]

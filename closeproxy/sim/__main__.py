@@ -6,8 +6,25 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 from closeproxy.sim.app import SimConfig, run_sim
+from closeproxy.sim.org import DataFileError
+
+MAX_SEED: int = 100_000
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {MAX_SEED}")
+    return int(text)
+
+
+def _group_limit(text: str) -> tuple[str, int]:
+    group, _, limit = text.rpartition("=")
+    if not group.strip() or not limit.isdigit():
+        raise argparse.ArgumentTypeError(f'expected GROUP=N like "GET lead=20", got {text!r}')
+    return group.strip(), int(limit)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,16 +55,41 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rate-window", type=float, default=defaults.rate_window, help="rate limit window, seconds"
     )
-    # SUPPRESS keeps the formatter from printing "(default: True)" for a flag that turns
-    # something off; the value itself comes from set_defaults.
-    parser.set_defaults(auto_consent=True)
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="build an organization with this many leads (and their contacts, "
+        "opportunities, tasks, activities, events), the same for the same number; "
+        "default: the five classic demo leads",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="keep the data in DIR/organization.json and the logins in DIR/tokens.json: "
+        "loaded at start if present (then --seed is not used), saved after every change; "
+        "default: memory only",
+    )
+    parser.add_argument(
+        "--group-rate-limit",
+        metavar="GROUP=N",
+        action="append",
+        type=_group_limit,
+        default=argparse.SUPPRESS,
+        help='requests per window for one endpoint group, e.g. "GET lead=20"; "*=N" covers '
+        "every group not named; repeatable (default: no group limits)",
+    )
     parser.add_argument(
         "--no-auto-consent",
         dest="auto_consent",
         action="store_false",
         default=argparse.SUPPRESS,
-        help="show a consent page instead of redirecting at once",
+        help="show a consent page instead of redirecting at once "
+        "(default: redirect at once, as if the user clicked Allow)",
     )
+
     return parser
 
 
@@ -61,8 +103,17 @@ async def _serve(config: SimConfig, host: str, port: int) -> None:
         await stop.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = _parser().parse_args(argv)
+    # Defaults of the SUPPRESSed options, whose generated "(default: ...)" would mislead.
+    for name, value in (("auto_consent", True), ("group_rate_limit", [])):
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     config = SimConfig(
         client_id=args.client_id,
         client_secret=args.client_secret,
@@ -70,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         auto_consent=args.auto_consent,
         rate_limit=args.rate_limit,
         rate_window=args.rate_window,
+        group_rate_limits=dict(args.group_rate_limit),
+        seed=args.seed,
+        data_dir=args.data,
     )
     try:
         asyncio.run(_serve(config, args.host, args.port))
+    except DataFileError as exc:
+        print(f"{exc}; move it away or pick another --data DIR", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

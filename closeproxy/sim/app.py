@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from closeproxy.sim import api, control, oauth
-from closeproxy.sim.state import SIM_STATE, RecordedRequest, SimConfig, SimState
+from closeproxy.sim import api, control, gate, oauth
+from closeproxy.sim.config import SimConfig
+from closeproxy.sim.state import SIM_STATE, RecordedRequest, SimState
 
 __all__ = [
     "SIM_STATE",
@@ -26,12 +27,12 @@ SHUTDOWN_TIMEOUT: float = 1.0
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: api.Handler) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: gate.Handler) -> web.StreamResponse:
     """Answer routing misses the way Close does: JSON, not aiohttp's text page."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return api.error("Not found", 404)
+        return gate.error("Not found", 404)
     except web.HTTPMethodNotAllowed as exc:
         return web.json_response(
             {"error": "Method not allowed"},
@@ -50,8 +51,14 @@ def create_sim_app(config: SimConfig | None = None) -> web.Application:
     app.router.add_post("/oauth2/revoke/", oauth.revoke)
     api.add_routes(app)
     control.add_routes(app)
-    app.on_response_prepare.append(api.add_rate_limit_header)
+    app.on_response_prepare.append(gate.add_rate_limit_header)
+    app.on_cleanup.append(_flush_data)
     return app
+
+
+async def _flush_data(app: web.Application) -> None:
+    """Whatever changed in the last moments reaches the data directory before exit."""
+    app[SIM_STATE].org.flush()
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,14 @@ async def control(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
-    return web.json_response({"counters": state.counters(), "knobs": state.knobs()})
+    return web.json_response(
+        {
+            "counters": state.counters(),
+            "knobs": state.knobs(),
+            "rate_groups": state.rate.snapshot(),
+            "data": state.org.counts(),
+        }
+    )
 
 
 async def logs(request: web.Request) -> web.Response:

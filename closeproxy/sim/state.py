@@ -10,16 +10,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from aiohttp import web
 
-from closeproxy.sim.leads import LeadStore
+from closeproxy.sim import seed
+from closeproxy.sim.config import CONFIG_KNOBS, SimConfig, boolean, nonneg_float, nonneg_int
+from closeproxy.sim.leads import Leads
+from closeproxy.sim.org import DataFileError, Organization
+from closeproxy.sim.ratelimit import GroupStats, RateLimiter
 
 TokenMode = Literal["ok", "down", "drop", "slow", "lose_reply"]
 TOKEN_MODES: frozenset[str] = frozenset(get_args(TokenMode))
@@ -29,22 +36,7 @@ REFRESH_PREFIX: str = "simref_"
 CODE_PREFIX: str = "simcode_"
 SCOPE: str = "all.full_access offline_access"
 CODE_LIFETIME: float = 60.0
-
-
-@dataclass
-class SimConfig:
-    """How the simulated Close is set up; fields marked live are read on every request."""
-
-    client_id: str = "sim-client"
-    client_secret: str = field(default="sim-secret", repr=False)
-    token_lifetime: float = 3600.0  # live
-    organization_id: str = "orga_sim"
-    user_id: str = "user_sim"
-    auto_consent: bool = True  # live
-    rate_limit: int | None = None  # live; requests per window on /api/v1/
-    rate_window: float = 1.0  # live
-    default_redirect_uri: str = "https://example.com/callback/close"
-    log_limit: int | None = 10_000  # newest entries kept in each log; None keeps all
+TOKENS_FILE: str = "tokens.json"
 
 
 @dataclass
@@ -71,23 +63,6 @@ class OAuthError(Exception):
         self.error = error
         self.description = description
         self.status = status
-
-
-@dataclass
-class RateVerdict:
-    """Outcome of taking one slot from the fixed-window rate limiter."""
-
-    allowed: bool
-    limit: int
-    remaining: int
-    reset: float  # seconds until the window starts over
-
-    def header(self) -> str:
-        return f"limit={self.limit}, remaining={self.remaining}, reset={round(self.reset, 3):g}"
-
-    def retry_after(self) -> int:
-        # Retry-After is whole seconds; rounding down would invite an early retry.
-        return max(1, math.ceil(self.reset))
 
 
 @dataclass(eq=False)
@@ -126,35 +101,6 @@ def s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def _nonneg_float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("expected a number >= 0")
-    return float(value)
-
-
-def _positive_float(value: object) -> float:
-    number = _nonneg_float(value)
-    if number == 0:
-        raise ValueError("expected a number > 0")
-    return number
-
-
-def _nonneg_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("expected an integer >= 0")
-    return value
-
-
-def _optional_nonneg_int(value: object) -> int | None:
-    return None if value is None else _nonneg_int(value)
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
 def _token_mode(value: object) -> str:
     if not isinstance(value, str) or value not in TOKEN_MODES:
         raise ValueError(f"expected one of {sorted(TOKEN_MODES)}")
@@ -164,18 +110,11 @@ def _token_mode(value: object) -> str:
 # Knobs living on SimState; each parser validates a JSON value from /_sim/control.
 STATE_KNOBS: dict[str, Callable[[object], object]] = {
     "token_endpoint": _token_mode,
-    "token_delay": _nonneg_float,
-    "force_401": _nonneg_int,
-    "revoke_old_access_on_refresh": _boolean,
-    "api_delay": _nonneg_float,
-    "deny": _boolean,
-}
-# Knobs living on SimConfig, read live so they can change while the simulator runs.
-CONFIG_KNOBS: dict[str, Callable[[object], object]] = {
-    "token_lifetime": _nonneg_float,
-    "auto_consent": _boolean,
-    "rate_limit": _optional_nonneg_int,
-    "rate_window": _positive_float,
+    "token_delay": nonneg_float,
+    "force_401": nonneg_int,
+    "revoke_old_access_on_refresh": boolean,
+    "api_delay": nonneg_float,
+    "deny": boolean,
 }
 
 
@@ -184,7 +123,13 @@ class SimState:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config if config is not None else SimConfig()
-        self.leads = LeadStore(self.config.organization_id)
+        self.org = Organization(self.config.organization_id, self.config.data_dir)
+        if not self.org.load():
+            seed.build(self.org, seed=self.config.seed, user_id=self.config.user_id)
+            self.org.save()
+            self.org.flush()  # a fresh organization is on disk before the first request
+        self.leads = Leads(self.org, self.config.user_id)
+        self.rate = RateLimiter(self.config)
 
         self.token_endpoint: TokenMode = "ok"  # noqa: S105 -- a mode name, not a secret
         self.token_delay = 0.0
@@ -196,6 +141,7 @@ class SimState:
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
         self._codes: dict[str, _AuthCode] = {}
+        self._load_tokens()
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -210,8 +156,7 @@ class SimState:
         self.api_log: list[RecordedRequest] = []
         self.token_log: list[dict[str, str]] = []
         self.revoke_log: list[dict[str, str]] = []
-        self._window_start = -math.inf
-        self._window_count = 0
+        self.rate.reset()
 
     def log_api(self, record: RecordedRequest) -> None:
         self.api_log.append(record)
@@ -274,6 +219,7 @@ class SimState:
     def expire_access_token(self, token: str) -> None:
         """Make an access token invalid as if its time ran out; KeyError if unknown."""
         self._access[token].expires_at = -math.inf
+        self._save_tokens()
 
     def access_token_valid(self, token: str) -> bool:
         record = self._access.get(token)
@@ -320,6 +266,7 @@ class SimState:
             self.reuse_detected += 1
             if grant.family is not None:
                 grant.family.alive = False
+                self._save_tokens()
             raise OAuthError("invalid_grant", "Authorization code was already used.")
         if time.monotonic() >= grant.expires_at:
             raise OAuthError("invalid_grant", "Authorization code expired.")
@@ -349,6 +296,7 @@ class SimState:
         if record.spent:
             self.reuse_detected += 1
             record.family.alive = False
+            self._save_tokens()
             raise OAuthError("invalid_grant", "Refresh token was already used.")
         if not record.family.alive:
             raise OAuthError("invalid_grant", "Refresh token was revoked.")
@@ -368,6 +316,7 @@ class SimState:
         access = self._access.get(token)
         if access is not None:
             access.revoked = True
+        self._save_tokens()
 
     def _token_reply(self, family: _Family) -> dict[str, object]:
         lifetime = self.config.token_lifetime
@@ -375,6 +324,8 @@ class SimState:
         refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
         self._access[access] = _AccessToken(family, time.monotonic() + lifetime)
         self._refresh[refresh] = _RefreshToken(family)
+        # The spent refresh token and the new pair reach the disk together.
+        self._save_tokens()
         return {
             "token_type": "Bearer",
             "access_token": access,
@@ -385,29 +336,64 @@ class SimState:
             "user_id": self.config.user_id,
         }
 
-    # --- rate limit -------------------------------------------------------
+    # --- tokens on disk, with --data: a restarted simulator keeps its logins --------
 
-    def take_rate_slot(self) -> RateVerdict | None:
-        """Count one /api/v1/ request against the fixed window; None when the limit is off."""
-        verdict = self.rate_status()
-        if verdict is None or not verdict.allowed:
-            return verdict
-        self._window_count += 1
-        verdict.remaining -= 1
-        return verdict
+    def _tokens_path(self) -> Path | None:
+        data_dir = self.config.data_dir
+        return None if data_dir is None else data_dir / TOKENS_FILE
 
-    def rate_status(self) -> RateVerdict | None:
-        limit = self.config.rate_limit
-        if limit is None:
-            return None
-        window = self.config.rate_window
-        now = time.monotonic()
-        if now - self._window_start >= window:
-            self._window_start = now
-            self._window_count = 0
-        remaining = max(0, limit - self._window_count)
-        reset = self._window_start + window - now
-        return RateVerdict(allowed=remaining > 0, limit=limit, remaining=remaining, reset=reset)
+    def _save_tokens(self) -> None:
+        path = self._tokens_path()
+        if path is None:
+            return
+        families: dict[int, _Family] = {}
+        for family in [r.family for r in self._access.values()] + [
+            r.family for r in self._refresh.values()
+        ]:
+            families.setdefault(id(family), family)
+        number = {key: index for index, key in enumerate(families)}
+        wall = time.time() - time.monotonic()
+        document = {
+            "families": [family.alive for family in families.values()],
+            "access": {
+                token: [number[id(r.family)], r.expires_at + wall, r.revoked]
+                for token, r in self._access.items()
+                if math.isfinite(r.expires_at)
+            },
+            "refresh": {
+                token: [number[id(r.family)], r.spent] for token, r in self._refresh.items()
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(document, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    def _load_tokens(self) -> None:
+        path = self._tokens_path()
+        if path is None or not path.exists():
+            return
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            families = [_Family(alive=bool(alive)) for alive in document["families"]]
+            wall = time.time() - time.monotonic()
+            for token, (family, expires_at, revoked) in document["access"].items():
+                self._access[token] = _AccessToken(
+                    families[family], float(expires_at) - wall, bool(revoked)
+                )
+            for token, (family, spent) in document["refresh"].items():
+                self._refresh[token] = _RefreshToken(families[family], bool(spent))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise DataFileError(f"{path} is not simulator token data: {exc}") from None
+
+    @property
+    def rate_groups(self) -> dict[str, GroupStats]:
+        """Per endpoint group (``"GET lead"``): hits, 429s sent, early arrivals."""
+        return self.rate.groups
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
