@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import CloseProxyError, ConfigError, LoginFailed
 from .login import (
     Callback,
+    LoginResult,
     PendingLogin,
     callback_page,
     check_callback,
@@ -26,7 +27,7 @@ from .login import (
     success_page,
 )
 from .oauth import OAuthClient
-from .store import TokenSet, TokenStore
+from .store import TokenStore
 
 
 def can_open_browser() -> bool:
@@ -56,7 +57,7 @@ async def login(
     browser: bool,
     pkce: bool,
     err: TextIO,
-) -> TokenSet:
+) -> LoginResult:
     """Run the whole login; progress goes to `err`, nothing is written unless it succeeds."""
     redirect_uri = settings.redirect_uri
     pending = start_login(settings, redirect_uri=redirect_uri, pkce=pkce)
@@ -71,10 +72,10 @@ async def _via_loopback(
     store: TokenStore,
     pending: PendingLogin,
     err: TextIO,
-) -> TokenSet:
+) -> LoginResult:
     assert pending.redirect_uri is not None
     target = URL(pending.redirect_uri)
-    done: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[LoginResult] = asyncio.get_running_loop().create_future()
     claimed = False
 
     async def callback(request: web.Request) -> web.StreamResponse:
@@ -105,12 +106,12 @@ async def _via_loopback(
         claimed = True  # before any await: a second callback must not exchange the code too
         try:
             code = check_callback(pending, received)
-            tokens = await finish_login(oauth, store, pending, code)
+            result = await finish_login(oauth, store, pending, code)
         except CloseProxyError as exc:
             done.set_exception(exc)
             return callback_page(400, "Login failed", str(exc))
-        done.set_result(tokens)
-        return success_page(tokens, str(store.path))
+        done.set_result(result)
+        return success_page(result.tokens, str(store.path))
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", callback)
@@ -161,7 +162,7 @@ async def _via_paste(
     err: TextIO,
     *,
     browser: bool,
-) -> TokenSet:
+) -> LoginResult:
     opened = browser and await open_browser(pending.url)
     print(
         (

@@ -169,6 +169,7 @@ STATE_KNOBS: dict[str, Callable[[object], object]] = {
     "revoke_old_access_on_refresh": _boolean,
     "api_delay": _nonneg_float,
     "deny": _boolean,
+    "revoke_down": _boolean,
 }
 # Knobs living on SimConfig, read live so they can change while the simulator runs.
 CONFIG_KNOBS: dict[str, Callable[[object], object]] = {
@@ -192,6 +193,7 @@ class SimState:
         self.revoke_old_access_on_refresh = False
         self.api_delay = 0.0
         self.deny = False
+        self.revoke_down = False  # only the revoke endpoint answers 503
 
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
@@ -210,6 +212,8 @@ class SimState:
         self.api_log: list[RecordedRequest] = []
         self.token_log: list[dict[str, str]] = []
         self.revoke_log: list[dict[str, str]] = []
+        # Request headers the token and revoke endpoints received, newest last.
+        self.oauth_headers: list[list[tuple[str, str]]] = []
         self._window_start = -math.inf
         self._window_count = 0
 
@@ -220,6 +224,10 @@ class SimState:
     def log_token(self, form: dict[str, str]) -> None:
         self.token_log.append(form)
         self._trim(self.token_log)
+
+    def log_oauth_headers(self, request: web.Request) -> None:
+        self.oauth_headers.append(list(request.headers.items()))
+        self._trim(self.oauth_headers)
 
     def log_revoke(self, form: dict[str, str]) -> None:
         self.revoke_log.append(form)
