@@ -197,7 +197,7 @@ def describe_failure(exc: BaseException, route: UpstreamRoute | None = None) -> 
 def refused_message(status: int, reason: str, where: str) -> str:
     hint = (
         "check the user name and password in --upstream-proxy (or the proxy variable)"
-        if status == 407
+        if status in {401, 407}
         else "ask whoever runs the proxy to allow it"
     )
     return f"the outbound proxy {where} refused the connection ({status} {reason}): {hint}"

@@ -298,6 +298,26 @@ async def test_a_proxy_refusing_without_credentials_is_a_502_naming_it(
     assert sim.state.token_requests == 0
 
 
+@pytest.mark.parametrize("auth", [False, True], ids=["unreachable-target", "no-credentials"])
+async def test_a_refused_tunnel_to_an_https_api_is_a_502_naming_the_proxy(
+    sim: RunningSim, token_file: Path, tmp_path: Path, client: aiohttp.ClientSession, auth: bool
+) -> None:
+    # An https API base goes through a CONNECT tunnel; nothing listens at the target, so
+    # the proxy refuses the tunnel (or asks for credentials first) before any TLS begins.
+    api = f"https://127.0.0.1:{_free_port()}"
+    seed_tokens(sim, token_file, api_url=api)
+    with tinyproxy_running(tmp_path / "connect", basic_auth=auth) as tiny:
+        flags = {"api_url": api, "upstream_proxy": tiny.url}
+        async with closeproxy_with(sim, token_file, flags) as url:
+            async with client.get(f"{url}/api/v1/me/") as resp:
+                body = await resp.json()
+                assert resp.status == 502
+        assert [line for line in tiny.requests() if line.startswith("CONNECT ")]
+    assert body["closeproxy_error"] == "upstream_proxy_failed"
+    assert f"the outbound proxy {tiny.url} refused the connection" in body["error"]
+    assert ("407" in body["error"]) is auth
+
+
 # --- acceptance 3: ~/.netrc is never read -------------------------------------------------
 
 
