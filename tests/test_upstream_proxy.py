@@ -410,3 +410,40 @@ def test_proxy_urls_are_validated_and_their_reprs_masked() -> None:
     for bad in ("socks5://proxy:1080", "http://proxy:3128/path", "http://:3128"):
         with pytest.raises(ValueError, match="proxy"):
             parse_proxy_url(bad)
+
+
+async def test_login_exchanges_the_code_and_retires_the_old_grant_through_the_proxy(
+    sim: RunningSim, token_file: Path, tinyproxy: Tinyproxy
+) -> None:
+    from test_login import log_in  # the CLI login, driven like a user with a browser
+
+    env = proxy_env(sim, token_file, HTTP_PROXY=tinyproxy.url)
+    for _ in range(2):
+        code, _, err = await log_in(env)
+        assert code == 0, err
+    assert len(seen(tinyproxy, "/oauth2/token/")) == 2  # both code exchanges
+    assert len(seen(tinyproxy, "/oauth2/revoke/")) == 1  # the first grant, retired
+    assert sim.state.code_exchanges == 2
+    assert sim.state.revokes == 1
+
+
+async def test_a_malformed_proxy_setting_is_a_usage_error_naming_it(
+    sim: RunningSim, token_file: Path, tmp_path: Path
+) -> None:
+    env = proxy_env(sim, token_file, HTTPS_PROXY="socks5://proxy:1080")
+    env["CLOSEPROXY_API_URL"] = "https://api.close.com"
+    result = await run_cli_async(env, "serve")
+    assert result.returncode == 2
+    assert "environment variable HTTPS_PROXY: socks5:// proxies are not supported" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    config = tmp_path / "config.toml"
+    config.write_text('upstream_proxy = "http://proxy:3128/some/path"\n')
+    result = await run_cli_async(proxy_env(sim, token_file), "status", "--config", str(config))
+    assert result.returncode == 2
+    assert f"config file {config} (upstream_proxy)" in result.stderr
+    config.write_text('upstream_proxy = "none"\n')
+    env = proxy_env(sim, token_file, HTTP_PROXY="http://proxy:3128")
+    result = await run_cli_async(env, "status", "--config", str(config))
+    assert f"direct (config file {config} (upstream_proxy) is none)" in result.stdout
