@@ -20,6 +20,7 @@ from .login import (
     callback_page,
     check_callback,
     finish_login,
+    retire_previous,
     start_login,
     success_page,
 )
@@ -33,6 +34,8 @@ log = logging.getLogger("closeproxy.admin")
 def status(services: Services) -> dict[str, Any]:
     """`closeproxy status --json` plus what this process has counted."""
     doc = status_document(services.provider.snapshot(), services.store)
+    if services.upstream_route is not None:
+        doc["upstream_proxy"] = services.upstream_route.document()
     doc["counters"] = {
         **asdict(services.forwarder.counters),
         **asdict(services.provider.counters),
@@ -124,15 +127,17 @@ async def admin_callback(request: web.Request) -> web.StreamResponse:
         )
     try:
         code = check_callback(pending, received)
-        tokens = await finish_login(services.provider.oauth, services.store, pending, code)
+        result = await finish_login(services.provider.oauth, services.store, pending, code)
     except CloseProxyError as exc:
         return callback_page(400, "Login failed", str(exc))
+    tokens = result.tokens
     log.info(
         "logged in through /admin/login: organization %s, user %s",
         tokens.organization_id,
         tokens.user_id,
     )
-    return success_page(tokens, str(services.store.path))
+    retired = await retire_previous(services.provider.oauth, result)
+    return success_page(tokens, str(services.store.path), note=retired.message)
 
 
 def add_routes(app: web.Application) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
@@ -22,18 +23,26 @@ from .responses import error_response
 from .services import SERVICES, Services
 from .store import TokenStore
 from .tokens import TokenProvider
+from .upstream_proxy import UpstreamRoute
 
 # aiohttp would otherwise add these to forwarded requests; the proxy must not invent
 # an Accept-Encoding the client never sent (the body would come back compressed).
 SKIP_AUTO_HEADERS: frozenset[str] = frozenset(
     {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
 )
+log = logging.getLogger("closeproxy.app")
 UPSTREAM_CONNECTIONS = 256
 UPSTREAM_READ_BUFFER = 256 * 1024
 
 
-def client_session() -> aiohttp.ClientSession:
-    """The one pooled, keep-alive session that carries every upstream request."""
+def client_session(route: UpstreamRoute | None = None) -> aiohttp.ClientSession:
+    """The one pooled, keep-alive session that carries every upstream request.
+
+    `route` names the outbound proxy, if any. The environment is never consulted here
+    (trust_env=False): it would also bring ~/.netrc credentials onto requests to Close.
+    """
+    if route is not None and route.proxy is not None:
+        register_secret(route.proxy.password, permanent=True)
     connector = aiohttp.TCPConnector(
         limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
     )
@@ -46,6 +55,7 @@ def client_session() -> aiohttp.ClientSession:
         read_bufsize=UPSTREAM_READ_BUFFER,
         timeout=aiohttp.ClientTimeout(total=None),
         trust_env=False,
+        proxy=route.session_proxy() if route is not None else None,
     )
 
 
@@ -67,7 +77,9 @@ def oauth_client(
 async def _services(
     settings: Settings, backoff: Sequence[float], browser_login: bool, app: web.Application
 ) -> AsyncIterator[None]:
-    session = client_session()
+    route = settings.upstream_route()
+    log.info("connections to Close at %s go %s", settings.api_url, route.label)
+    session = client_session(route)
     store = TokenStore(settings.token_file)
     provider = TokenProvider(
         store,
@@ -82,8 +94,9 @@ async def _services(
         api_url=settings.api_url,
         upstream_timeout=settings.upstream_timeout,
         max_body_size=settings.max_body_size,
+        upstream_route=route,
     )
-    app[SERVICES] = Services(settings, session, store, provider, forwarder)
+    app[SERVICES] = Services(settings, session, store, provider, forwarder, upstream_route=route)
     try:
         yield
     finally:

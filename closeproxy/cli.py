@@ -18,19 +18,20 @@ from . import __version__, terminal_login
 from .app import client_session, oauth_client
 from .config import DEFAULT_PORT, OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
 from .errors import CloseProxyError, ConfigError
+from .login import retire_previous
 from .logs import setup_logging
 from .runner import run_command
 from .server import Listening, serve
 from .store import TokenStore
 from .tokens import TokenProvider, refresh_due_at, status_document
 
-_CLIENT = ("client_id", "client_secret", "api_url", "token_file")
+_CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")
 _LOGGING = ("log_level", "log_format")
 _SERVE = tuple(o.name for o in OPTIONS if o.name != "login_timeout")
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": _SERVE,
     "login": (*_CLIENT, "redirect_uri", "app_url", "login_timeout", *_LOGGING),
-    "status": ("token_file",),
+    "status": ("token_file", "api_url", "upstream_proxy"),
     "refresh": (*_CLIENT, *_LOGGING),
     "revoke": (*_CLIENT, *_LOGGING),
     "token": (*_CLIENT, "refresh_margin", *_LOGGING),
@@ -102,7 +103,9 @@ def _format_duration(seconds: float) -> str:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = TokenStore(settings.token_file)
+    route = settings.upstream_route()
     doc = status_document(store.load(), store)
+    doc["upstream_proxy"] = route.document()
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0 if doc["logged_in"] else 1
@@ -123,6 +126,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         rows.append(("access token", when))
         rows.append(("refreshable", "yes" if doc["can_refresh"] else "no"))
     rows.append(("token file", doc["token_file"]))
+    rows.append(("outbound", route.label))
     lines += [f"  {name:<13} {value}" for name, value in rows if value is not None]
     if doc.get("problem"):
         lines.append(f"  {doc['problem']}")
@@ -136,7 +140,7 @@ async def _provider(
 ) -> AsyncIterator[TokenProvider]:
     if require_client:
         settings.require_client()
-    async with client_session() as session:
+    async with client_session(settings.upstream_route()) as session:
         provider = TokenProvider(
             TokenStore(settings.token_file),
             oauth_client(settings, session),
@@ -168,7 +172,7 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings) as provider:
             assert provider.oauth is not None
-            tokens = await terminal_login.login(
+            result = await terminal_login.login(
                 settings,
                 provider.oauth,
                 provider.store,
@@ -176,10 +180,21 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
                 pkce=not args.no_pkce,
                 err=sys.stderr,
             )
-        print(
-            f"logged in to Close: organization {tokens.organization_id or '?'}, "
-            f"user {tokens.user_id or '?'}\ntokens stored in {settings.token_file}"
-        )
+            tokens = result.tokens
+            print(
+                f"logged in to Close: organization {tokens.organization_id or '?'}, "
+                f"user {tokens.user_id or '?'}\ntokens stored in {settings.token_file}",
+                flush=True,
+            )
+            if args.keep_previous:
+                if result.previous is not None:
+                    print("kept the previous grant active at Close (--keep-previous)")
+            else:
+                retired = await retire_previous(provider.oauth, result)
+                if retired.revoked:
+                    print(retired.message)
+                elif retired.message is not None:
+                    print(f"closeproxy login: note: {retired.message}", file=sys.stderr)
         if tokens.refresh_token is None:
             print(
                 "note: Close gave no refresh token (the OAuth app lacks offline_access), so "
@@ -360,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument(
                 "--no-pkce", action="store_true", help="do not send a PKCE code challenge"
+            )
+            sub.add_argument(
+                "--keep-previous",
+                action="store_true",
+                help="do not revoke the grant this login replaces (by default it is revoked "
+                "at Close, one quick try; a failure is reported but never fails the login)",
             )
         if name == "run":
             sub.add_argument(

@@ -20,6 +20,15 @@ import platformdirs
 from yarl import URL
 
 from .errors import ConfigError
+from .upstream_proxy import (
+    DIRECT,
+    PROXY_ENV_NAMES,
+    Direct,
+    ProxyURL,
+    UpstreamRoute,
+    parse_proxy_url,
+    resolve,
+)
 
 APP_NAME = "closeproxy"
 DEFAULT_API_URL = "https://api.close.com"
@@ -95,6 +104,9 @@ class Settings:
     max_body_size: int | None = None
     header_timeout: float = 10.0
     config_file: Path | None = None
+    upstream_proxy: ProxyURL | Direct | None = None
+    # The proxy variables of the environment (and nothing else from it): see upstream_proxy.py.
+    proxy_environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     # setting name -> where its value came from, for error messages
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -130,6 +142,22 @@ class Settings:
                 "key with --proxy-key-file PATH or CLOSEPROXY_PROXY_KEY, or listen on 127.0.0.1",
                 setting="host",
             )
+        self.upstream_route()  # a malformed proxy variable fails now, not on first use
+
+    def upstream_route(self) -> UpstreamRoute:
+        """Which outbound proxy (if any) carries the connections to the API base."""
+        try:
+            return resolve(
+                self.upstream_proxy,
+                self.api_url,
+                self.proxy_environ,
+                explicit_source=self.source("upstream_proxy"),
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"{exc}: fix the variable, or override it with --upstream-proxy URL (or none)",
+                setting="upstream_proxy",
+            ) from None
 
     def _config_hint(self) -> str:
         return f"the config file ({self.config_file or default_config_file()})"
@@ -260,6 +288,20 @@ def _url(name: str) -> Parser:
         return url.with_path(url.raw_path.rstrip("/"), encoded=True)
 
     return parse
+
+
+def _upstream_proxy(raw: Any, origin: Origin) -> ProxyURL | Direct:
+    if not isinstance(raw, str):
+        raise _fail(
+            origin, "expected a proxy URL like http://proxy.example.com:3128", "upstream_proxy"
+        )
+    text = raw.strip()
+    if text.lower() in {"", DIRECT}:
+        return DIRECT
+    try:
+        return parse_proxy_url(text)
+    except ValueError as exc:
+        raise _fail(origin, str(exc), "upstream_proxy") from None
 
 
 def _redirect_uri(raw: Any, origin: Origin) -> str:
@@ -492,6 +534,16 @@ OPTIONS: tuple[Option, ...] = (
         _seconds("header_timeout", positive=True),
         metavar="SECONDS",
     ),
+    Option(
+        "upstream_proxy",
+        "--upstream-proxy",
+        "CLOSEPROXY_UPSTREAM_PROXY",
+        "outbound proxy for every connection to Close, http://[USER:PASSWORD@]HOST:PORT, or "
+        "none to go direct (default: HTTPS_PROXY/HTTP_PROXY and NO_PROXY from the "
+        "environment); the password is never shown",
+        _upstream_proxy,
+        metavar="URL",
+    ),
 )
 OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}
 _FILE_KEYS: Mapping[str, Option] = {option.key: option for option in OPTIONS}
@@ -569,6 +621,10 @@ def load_settings(
             continue
         values[option.name] = option.parse(raw, origin)
         sources[option.name] = origin.label
+    proxy_environ = {name: environ[name] for name in PROXY_ENV_NAMES if environ.get(name)}
     return Settings(
-        **values, config_file=path if file_values or explicit else None, sources=sources
+        **values,
+        config_file=path if file_values or explicit else None,
+        proxy_environ=proxy_environ,
+        sources=sources,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import html
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from aiohttp import web
 from yarl import URL
 
 from .config import Settings, is_loopback_host
-from .errors import ConfigError, LoginFailed
+from .errors import ConfigError, LoginFailed, ServiceError, TokenStoreError
 from .guard import CALLBACK_PATH
 from .oauth import OAuthClient, authorize_url, pkce_pair
 from .store import TokenSet, TokenStore
+
+log = logging.getLogger("closeproxy.login")
 
 PENDING_LIFETIME = 600.0
 MAX_PENDING = 32
@@ -117,9 +120,17 @@ def check_callback(pending: PendingLogin, callback: Callback) -> str:
     return callback.code
 
 
+@dataclass(frozen=True)
+class LoginResult:
+    """The stored grant, and the one it replaced (if the file held another)."""
+
+    tokens: TokenSet
+    previous: TokenSet | None = None
+
+
 async def finish_login(
     oauth: OAuthClient, store: TokenStore, pending: PendingLogin, code: str
-) -> TokenSet:
+) -> LoginResult:
     """Exchange the code and store the grant, under the same lock refreshes take."""
     sent_at = time.time()
     reply = await oauth.exchange_code(
@@ -127,8 +138,56 @@ async def finish_login(
     )
     tokens = TokenSet.from_reply(reply, received_at=sent_at, api_url=str(oauth.api_url))
     async with store.locked():
+        try:
+            # Read under the lock: the newest refresh token of the old grant, not a stale one.
+            previous = await asyncio.to_thread(store.load)
+        except TokenStoreError:
+            previous = None  # unreadable: nothing to retire, and the new grant replaces it
         await asyncio.to_thread(store.save, tokens)
-    return tokens
+    return LoginResult(tokens, previous)
+
+
+@dataclass(frozen=True)
+class Retired:
+    """What became of the grant a new login replaced."""
+
+    revoked: bool = False
+    message: str | None = None  # one sentence for the user, None when there was nothing
+
+
+async def retire_previous(oauth: OAuthClient, result: LoginResult) -> Retired:
+    """Revoke the replaced grant at Close: best effort, one quick try, logged.
+
+    Never raises: the new login stands whatever happens here.
+    """
+    old = result.previous
+    if old is None or old.refresh_rejected is not None:
+        return Retired()  # nothing stored before, or a grant Close already ended
+    token = old.refresh_token or old.access_token
+    if token in {result.tokens.refresh_token, result.tokens.access_token}:
+        return Retired()  # the same grant: nothing was replaced
+    issuer = old.api_url.rstrip("/")
+    if issuer and issuer != str(oauth.api_url).rstrip("/"):
+        # Never send a grant to a server that did not issue it.
+        message = (
+            f"the previous grant was issued by {issuer}, so it was not revoked here: remove "
+            "the app's access in that Close account's settings if it is no longer needed"
+        )
+        log.warning("%s", message)
+        return Retired(message=message)
+    try:
+        # The refresh token ends the whole grant; a grant without one has just the access token.
+        await oauth.revoke(token, quick=True)
+    except ServiceError as exc:
+        message = (
+            f"the previous grant could not be revoked: {exc}; it stays valid at Close until "
+            "you remove the app's access in Close's settings"
+        )
+        log.warning("%s", message)
+        return Retired(message=message)
+    message = "revoked the previous grant at Close (the one this login replaced)"
+    log.info("%s", message)
+    return Retired(revoked=True, message=message)
 
 
 def browser_login_works(settings: Settings) -> bool:
@@ -206,10 +265,12 @@ def callback_page(status: int, title: str, message: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="text/html", headers=PAGE_HEADERS)
 
 
-def success_page(tokens: TokenSet, where: str) -> web.Response:
+def success_page(tokens: TokenSet, where: str, *, note: str | None = None) -> web.Response:
     return callback_page(
         200,
         "Logged in to Close",
         f"Organization {tokens.organization_id or '?'}, user {tokens.user_id or '?'}. "
-        f"The tokens are stored in {where}. You can close this tab.",
+        f"The tokens are stored in {where}. "
+        + (f"{note[0].upper()}{note[1:]}. " if note else "")
+        + "You can close this tab.",
     )

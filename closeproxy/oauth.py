@@ -28,6 +28,7 @@ from .errors import (
     TokenRequestRejected,
     TokenServiceUnavailable,
 )
+from .upstream_proxy import describe_failure, is_proxy_failure, refused_message
 
 log = logging.getLogger("closeproxy.oauth")
 
@@ -41,6 +42,8 @@ DEFAULT_EXPIRES_IN = 3600
 # Revoking is best effort after the local wipe: one quick retry, then say so.
 REVOKE_BACKOFF: tuple[float, ...] = (0.5,)
 REVOKE_TIMEOUT = 10.0
+# Retiring the grant a new login replaced: one quick try, never a long wait for the user.
+QUICK_REVOKE_TIMEOUT = 5.0
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -188,14 +191,19 @@ class OAuthClient:
             )
         raise LoginFailed(str(self._rejected(reply, "exchange the authorization code")))
 
-    async def revoke(self, token: str) -> None:
-        """Revoke a token at Close; any 2xx counts (RFC 7009 says unknown tokens are fine)."""
+    async def revoke(self, token: str, *, quick: bool = False) -> None:
+        """Revoke a token at Close; any 2xx counts (RFC 7009 says unknown tokens are fine).
+
+        `quick`: a single attempt with a short timeout.
+        """
         reply = await self._post(
             REVOKE_PATH,
             {"token": token},
             what="revoke the grant",
-            backoff=REVOKE_BACKOFF,
-            attempt_timeout=aiohttp.ClientTimeout(total=REVOKE_TIMEOUT),
+            backoff=() if quick else REVOKE_BACKOFF,
+            attempt_timeout=aiohttp.ClientTimeout(
+                total=QUICK_REVOKE_TIMEOUT if quick else REVOKE_TIMEOUT
+            ),
         )
         if not 200 <= reply.status < 300:
             raise self._rejected(reply, "revoke the grant")
@@ -261,6 +269,13 @@ class OAuthClient:
                 body: Any = json.loads(raw) if raw else None
             except ValueError:
                 body = None
+            if status == 407:
+                # Only an outbound proxy says 407 (on an http:// API base, with no tunnel).
+                raise TokenServiceUnavailable(
+                    f"could not {what}: "
+                    + refused_message(407, "Proxy Authentication Required", "in use")
+                    + (f"; {hint}" if hint else "")
+                )
             reply = EndpointReply(status, body)
             if status >= 500 or status == 429:
                 reason = f"HTTP {status}"
@@ -286,6 +301,8 @@ def _describe(exc: BaseException) -> str:
     """A short reason for a network failure, with no request details in it."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if is_proxy_failure(exc):
+        return describe_failure(exc)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -22,6 +22,7 @@ from yarl import URL
 from .errors import ServiceError
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
+from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
 
 log = logging.getLogger("closeproxy.proxy")
 
@@ -186,8 +187,10 @@ class Forwarder:
         api_url: URL,
         upstream_timeout: float,
         max_body_size: int | None = None,
+        upstream_route: UpstreamRoute | None = None,
     ) -> None:
         self._session = session
+        self._route = upstream_route
         self._provider = provider
         self._base = str(api_url)  # no trailing slash; the raw target is appended as is
         self._api_prefix = self._base + API_PREFIX
@@ -245,7 +248,7 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         url = URL(self._base + request.raw_path, encoded=True)
         try:
-            return await self._session.request(
+            upstream = await self._session.request(
                 request.method,
                 url,
                 headers=request_headers(request.headers, token),
@@ -268,12 +271,29 @@ class Forwarder:
                 raise UpstreamFailed(
                     400, CLIENT_GONE, "the client closed the connection mid-request"
                 ) from None
+            if is_proxy_failure(exc):
+                raise UpstreamFailed(
+                    502,
+                    "upstream_proxy_failed",
+                    f"cannot reach Close at {self._base}: {describe_failure(exc, self._route)}",
+                ) from None
             raise UpstreamFailed(
                 502,
                 "upstream_unreachable",
                 f"cannot reach Close at {self._base} ({_reason(exc)}): check the network "
                 "and the --api-url setting",
             ) from None
+        if upstream.status == 407 and self._route is not None and self._route.proxy is not None:
+            # An http:// API base goes through the proxy without a tunnel: its refusal
+            # arrives as a response, which is the proxy's, not Close's.
+            upstream.release()
+            raise UpstreamFailed(
+                502,
+                "upstream_proxy_failed",
+                f"cannot reach Close at {self._base}: "
+                + refused_message(407, upstream.reason or "", self._route.proxy.display),
+            )
+        return upstream
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse

@@ -13,6 +13,7 @@ from .login import PendingLogins
 from .proxy import Forwarder
 from .store import TokenStore
 from .tokens import TokenProvider
+from .upstream_proxy import UpstreamRoute
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Services:
     store: TokenStore
     provider: TokenProvider
     forwarder: Forwarder
+    upstream_route: UpstreamRoute | None = None
     pending: PendingLogins = field(default_factory=PendingLogins)
     started: float = field(default_factory=time.monotonic)
 

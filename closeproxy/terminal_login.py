@@ -26,6 +26,7 @@ from .config import Settings
 from .errors import CloseProxyError, ConfigError, LoginFailed
 from .login import (
     Callback,
+    LoginResult,
     PendingLogin,
     callback_page,
     check_callback,
@@ -35,7 +36,7 @@ from .login import (
     success_page,
 )
 from .oauth import OAuthClient
-from .store import TokenSet, TokenStore
+from .store import TokenStore
 
 # On a terminal, the countdown in front of the prompt is redrawn this often.
 TICK = 1.0
@@ -70,7 +71,7 @@ async def login(
     browser: bool,
     pkce: bool,
     err: TextIO,
-) -> TokenSet:
+) -> LoginResult:
     """Run the whole login; progress goes to `err`, nothing is written unless it succeeds."""
     redirect_uri = settings.redirect_uri
     pending = start_login(settings, redirect_uri=redirect_uri, pkce=pkce)
@@ -119,10 +120,10 @@ class _Flow:
 
     # --- the two ways ------------------------------------------------------------------
 
-    async def via_loopback(self) -> TokenSet:
+    async def via_loopback(self) -> LoginResult:
         assert self.pending.redirect_uri is not None
         target = URL(self.pending.redirect_uri)
-        done: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[LoginResult] = asyncio.get_running_loop().create_future()
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._callback_handler(target, done))
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
@@ -146,16 +147,16 @@ class _Flow:
         finally:
             await runner.cleanup()
 
-    async def via_paste(self, *, browser: bool) -> TokenSet:
+    async def via_paste(self, *, browser: bool) -> LoginResult:
         await self.show_url(browser=browser)
         self.say("Then paste the address your browser landed on (or just the code).")
-        never: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+        never: asyncio.Future[LoginResult] = asyncio.get_running_loop().create_future()
         return await self.wait(never, listening=False)
 
     # --- the loopback listener ---------------------------------------------------------
 
     def _callback_handler(
-        self, target: URL, done: asyncio.Future[TokenSet]
+        self, target: URL, done: asyncio.Future[LoginResult]
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def callback(request: web.Request) -> web.StreamResponse:
             if request.path != (target.path or "/"):
@@ -188,7 +189,7 @@ class _Flow:
                 return callback_page(400, "Login failed", str(exc))
             if not done.done():
                 done.set_result(tokens)
-            return success_page(tokens, str(self.store.path))
+            return success_page(tokens.tokens, str(self.store.path))
 
         return callback
 
@@ -200,13 +201,13 @@ class _Flow:
             received.state.encode(), self.pending.state.encode()
         )
 
-    async def _finish(self, received: Callback) -> TokenSet:
+    async def _finish(self, received: Callback) -> LoginResult:
         code = check_callback(self.pending, received)
         return await finish_login(self.oauth, self.store, self.pending, code)
 
     # --- waiting for whichever answer comes first --------------------------------------
 
-    async def wait(self, done: asyncio.Future[TokenSet], *, listening: bool) -> TokenSet:
+    async def wait(self, done: asyncio.Future[LoginResult], *, listening: bool) -> LoginResult:
         """The tokens from `done` (the listener) or from a pasted line, whichever is first."""
         timeout = self.settings.login_timeout
         loop = asyncio.get_running_loop()
@@ -263,7 +264,7 @@ class _Flow:
             # Ctrl-C (a cancellation) or any error: end the prompt line before what follows.
             self._close_prompt(erase=False)
 
-    async def _pasted(self, line: str, *, final: bool) -> TokenSet | None:
+    async def _pasted(self, line: str, *, final: bool) -> LoginResult | None:
         """Tokens for a valid pasted answer; None to keep waiting after a wrong one."""
         line = line.strip()
         if not line:

@@ -18,6 +18,7 @@ from helpers import FAST_BACKOFF, Proxy, ProxyFactory, ServeProcess, make_settin
 from closeproxy.server import running
 from closeproxy.services import SERVICES
 from closeproxy.sim import RunningSim, SimConfig, SimState, run_sim
+from closeproxy.upstream_proxy import PROXY_ENV_NAMES
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +27,8 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("CLOSEPROXY_"):
             monkeypatch.delenv(name)
+    for name in PROXY_ENV_NAMES:  # the machine's own proxy must not steer the tests
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
 

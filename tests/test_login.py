@@ -430,3 +430,81 @@ async def test_on_a_terminal_login_counts_down_and_ends_its_line_on_ctrl_c(
     assert found, text
     assert before.endswith("\n"), repr(before[-80:])  # the prompt's line was ended first
     assert sim.state.token_requests == 0
+
+
+# --- a new login retires the grant it replaced --------------------------------------------
+
+
+async def log_in(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    login = await LoginProcess.start(env, "--no-browser", *args)
+    landed = await consent(await login.authorize_url())
+    return await login.finish(landed + "\n")
+
+
+async def test_a_second_login_revokes_the_grant_it_replaced(
+    sim: RunningSim, token_file: Path
+) -> None:
+    env = proxy_env(sim, token_file)
+    code, _, err = await log_in(env)
+    assert code == 0, err
+    first = TokenStore(token_file).load()
+    assert first is not None and first.refresh_token is not None
+    code, out, err = await log_in(env)
+    assert code == 0, err
+    second = TokenStore(token_file).load()
+    assert second is not None and second.refresh_token != first.refresh_token
+    assert [entry["token"] for entry in sim.state.revoke_log] == [first.refresh_token]
+    assert not sim.state.access_token_valid(first.access_token)  # the whole grant is gone
+    assert sim.state.access_token_valid(second.access_token)
+    assert "revoked the previous grant" in out
+    assert first.refresh_token not in out + err
+
+
+async def test_keep_previous_leaves_the_old_grant_alone(sim: RunningSim, token_file: Path) -> None:
+    env = proxy_env(sim, token_file)
+    assert (await log_in(env))[0] == 0
+    first = TokenStore(token_file).load()
+    assert first is not None
+    code, out, err = await log_in(env, "--keep-previous")
+    assert code == 0, err
+    assert sim.state.revoke_log == []
+    assert sim.state.access_token_valid(first.access_token)
+    assert "kept the previous grant" in out
+
+
+async def test_a_revoke_failure_never_fails_the_new_login(
+    sim: RunningSim, token_file: Path
+) -> None:
+    env = proxy_env(sim, token_file)
+    assert (await log_in(env))[0] == 0
+    first = TokenStore(token_file).load()
+    assert first is not None
+    sim.state.revoke_down = True
+    code, out, err = await log_in(env)
+    assert code == 0, err
+    assert "the previous grant could not be revoked" in err
+    assert "HTTP 503" in err
+    assert len(sim.state.revoke_log) == 1  # one quick try, no retry
+    assert sim.state.access_token_valid(first.access_token)
+    second = TokenStore(token_file).load()
+    assert second is not None and second.access_token != first.access_token
+    assert sim.state.access_token_valid(second.access_token)
+    assert "logged in to Close" in out
+
+
+async def test_a_login_through_the_proxy_revokes_the_grant_it_replaced(
+    sim: RunningSim, token_file: Path, proxy: Proxy
+) -> None:
+    tokens = []
+    async with aiohttp.ClientSession() as browser:
+        for _ in range(2):
+            async with browser.get(f"{proxy.url}/admin/login") as resp:  # redirects followed
+                page = await resp.text()
+                assert resp.status == 200, page
+            tokens.append(TokenStore(token_file).load())
+    first, second = tokens
+    assert first is not None and second is not None
+    assert "Revoked the previous grant at Close" in page
+    assert [entry["token"] for entry in sim.state.revoke_log] == [first.refresh_token]
+    assert not sim.state.access_token_valid(first.access_token)
+    assert sim.state.access_token_valid(second.access_token)

@@ -191,6 +191,7 @@ async def _endpoint_gate(request: web.Request, state: SimState) -> web.Response 
 async def token(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     state.token_requests += 1
+    state.log_oauth_headers(request)
     try:
         form = await _read_form(request)
     except OAuthError as exc:
@@ -248,6 +249,12 @@ async def revoke(request: web.Request) -> web.Response:
         state.log_revoke({})
         return _oauth_error(exc)
     state.log_revoke(dict(form))
+    state.log_oauth_headers(request)
+    if state.revoke_down:
+        return web.json_response(
+            {"error": "temporarily_unavailable", "error_description": "Simulated outage."},
+            status=503,
+        )
     refused = await _endpoint_gate(request, state)
     if refused is not None:
         return refused

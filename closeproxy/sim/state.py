@@ -115,6 +115,7 @@ STATE_KNOBS: dict[str, Callable[[object], object]] = {
     "revoke_old_access_on_refresh": boolean,
     "api_delay": nonneg_float,
     "deny": boolean,
+    "revoke_down": boolean,
 }
 
 
@@ -137,6 +138,7 @@ class SimState:
         self.revoke_old_access_on_refresh = False
         self.api_delay = 0.0
         self.deny = False
+        self.revoke_down = False  # only the revoke endpoint answers 503
 
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
@@ -157,6 +159,8 @@ class SimState:
         self.token_log: list[dict[str, str]] = []
         self.revoke_log: list[dict[str, str]] = []
         self.rate.reset()
+        # Request headers the token and revoke endpoints received, newest last.
+        self.oauth_headers: list[list[tuple[str, str]]] = []
 
     def log_api(self, record: RecordedRequest) -> None:
         self.api_log.append(record)
@@ -165,6 +169,10 @@ class SimState:
     def log_token(self, form: dict[str, str]) -> None:
         self.token_log.append(form)
         self._trim(self.token_log)
+
+    def log_oauth_headers(self, request: web.Request) -> None:
+        self.oauth_headers.append(list(request.headers.items()))
+        self._trim(self.oauth_headers)
 
     def log_revoke(self, form: dict[str, str]) -> None:
         self.revoke_log.append(form)
