@@ -16,6 +16,7 @@ from .config import Settings
 from .guard import Guard, Handler
 from .logs import REQUEST_ID, register_secret
 from .oauth import DEFAULT_BACKOFF, OAuthClient
+from .pacing import ClientLimits
 from .proxy import API_PREFIX, Forwarder
 from .responses import error_response
 from .services import SERVICES, Services
@@ -27,14 +28,16 @@ from .tokens import TokenProvider
 SKIP_AUTO_HEADERS: frozenset[str] = frozenset(
     {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
 )
-UPSTREAM_CONNECTIONS = 256
 UPSTREAM_READ_BUFFER = 256 * 1024
+# Beyond the forwarder's own connections (which it counts itself): room for token
+# requests, so that a pool full of API calls never delays a refresh.
+TOKEN_CONNECTIONS = 8
 
 
-def client_session() -> aiohttp.ClientSession:
+def client_session(connections: int = 256) -> aiohttp.ClientSession:
     """The one pooled, keep-alive session that carries every upstream request."""
     connector = aiohttp.TCPConnector(
-        limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
+        limit=connections + TOKEN_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -66,7 +69,7 @@ def oauth_client(
 async def _services(
     settings: Settings, backoff: Sequence[float], app: web.Application
 ) -> AsyncIterator[None]:
-    session = client_session()
+    session = client_session(settings.upstream_connections)
     store = TokenStore(settings.token_file)
     provider = TokenProvider(
         store,
@@ -80,6 +83,9 @@ async def _services(
         api_url=settings.api_url,
         upstream_timeout=settings.upstream_timeout,
         max_body_size=settings.max_body_size,
+        client_limits=ClientLimits(settings.client_timeout, settings.client_min_rate),
+        connections=settings.upstream_connections,
+        pool_timeout=settings.pool_timeout,
     )
     app[SERVICES] = Services(settings, session, store, provider, forwarder)
     try:

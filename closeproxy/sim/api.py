@@ -303,6 +303,8 @@ async def download(request: web.Request, call: ApiCall) -> web.StreamResponse:
     total = _int_param(request, "bytes", 0, 0, 1 << 50)
     chunk = _int_param(request, "chunk", payloads.DEFAULT_CHUNK, 1, payloads.MAX_CHUNK)
     delay = _float_param(request, "delay", 0.0, 60.0)
+    # cut_after=N: drop the connection after N body bytes, as a failing upstream would.
+    cut_after = _int_param(request, "cut_after", -1, 0, 1 << 50)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     if request.query.get("chunked") in {"1", "true", "yes"}:
         response.enable_chunked_encoding()
@@ -310,11 +312,18 @@ async def download(request: web.Request, call: ApiCall) -> web.StreamResponse:
         response.content_length = total
     await response.prepare(request)
     # StreamResponse does not suppress writes for HEAD; a body here would corrupt the stream.
+    sent = 0
     if request.method != "HEAD":
         for index, piece in enumerate(payloads.download_chunks(total, chunk)):
             if index and delay:
                 await asyncio.sleep(delay)
+            if 0 <= cut_after < sent + len(piece):
+                await response.write(piece[: cut_after - sent])
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             await response.write(piece)
+            sent += len(piece)
     await response.write_eof()
     return response
 
