@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from functools import partial
 
 import aiohttp
-from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin
 from .config import Settings
@@ -29,6 +28,7 @@ SKIP_AUTO_HEADERS: frozenset[str] = frozenset(
     {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
 )
 UPSTREAM_READ_BUFFER = 256 * 1024
+OTHER_PATHS = r"/{tail:(?!admin/|healthz$|api/v1/).*}"
 # Beyond the forwarder's own connections (which it counts itself): room for token
 # requests, so that a pool full of API calls never delays a refresh.
 TOKEN_CONNECTIONS = 8
@@ -95,14 +95,53 @@ async def _services(
         await session.close()
 
 
-def _front_middleware(guard: Guard) -> Middleware:
-    ids = itertools.count(1)
-    prefix = f"{os.getpid():x}"
+class BodyNotWanted(TimeoutError):
+    """The body of a request refused before its upload: reading it ends at once."""
+
+
+class Front:
+    """What every request meets before any route: a request id, then the guard.
+
+    aiohttp answers `Expect: 100-continue` before any middleware runs, so the same
+    checks run in `expect` too: a refused client learns it before it uploads."""
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+
+    def _tag(self, request: web.Request) -> None:
+        if REQUEST_ID not in request:
+            request[REQUEST_ID] = f"{self._prefix}-{next(self._ids)}"
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        self._tag(request)
+        refusal = self._guard.check(request)
+        if refusal is None and request.raw_path.startswith(API_PREFIX):
+            refusal = await request.app[SERVICES].forwarder.refusal_before_body(request)
+        if refusal is None:
+            if request.version != HttpVersion11:
+                return None  # HTTP/1.0 has no 100 Continue (RFC 9110 §10.1.1)
+            if request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
+                refusal = error_response(
+                    417,
+                    "expectation_failed",
+                    "the only Expect this proxy knows is 100-continue: drop the header",
+                )
+            else:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0  # the answer proper has not started
+                return None
+        # The client holds its body back as asked: end the connection after the answer
+        # instead of waiting (aiohttp's lingering read) for a body that will not come.
+        refusal.force_close()
+        request.content.set_exception(BodyNotWanted())
+        return refusal
 
     @web.middleware
-    async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[REQUEST_ID] = f"{prefix}-{next(ids)}"
-        refusal = guard.check(request)
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self._tag(request)
+        refusal = self._guard.check(request)
         if refusal is not None:
             return refusal
         try:
@@ -120,7 +159,9 @@ def _front_middleware(guard: Guard) -> Middleware:
                 "/admin/status, /admin/refresh, /admin/revoke, /admin/login",
             )
 
-    return front
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -136,8 +177,12 @@ def create_app(
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
     guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
-    app = web.Application(middlewares=[_front_middleware(guard)])
+    front = Front(guard)
+    app = web.Application(middlewares=[front.middleware])
     app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff)))
-    admin.add_routes(app)
-    app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward)
+    admin.add_routes(app, expect_handler=front.expect)
+    app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward, expect_handler=front.expect)
+    # Everything else is 404, but through a route, so that Expect is checked there too
+    # (admin paths are left out: a wrong method on them stays 405).
+    app.router.add_route("*", OTHER_PATHS, _not_found, expect_handler=front.expect)
     return app

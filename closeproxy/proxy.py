@@ -238,15 +238,30 @@ class Forwarder:
                 self.counters.upstream_errors += 1
             return error_response(exc.status, exc.code, str(exc))
         except BodyTooLarge:
-            return error_response(
-                413,
-                "body_too_large",
-                f"the request body is larger than {self._max_body_size} bytes, the limit set "
-                "with --max-body-size",
-                headers={"Connection": "close"},
-            )
+            return self._too_large()
         finally:
             pacer.close()
+
+    async def refusal_before_body(self, request: web.Request) -> web.StreamResponse | None:
+        """What a client that asks `Expect: 100-continue` gets instead of uploading, if
+        anything: the same login and size checks the request itself would meet first."""
+        try:
+            await self._provider.current()
+        except ServiceError as exc:
+            return service_error_response(exc)
+        length = request.content_length
+        if self._max_body_size is not None and length is not None and length > self._max_body_size:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> web.Response:
+        return error_response(
+            413,
+            "body_too_large",
+            f"the request body is larger than {self._max_body_size} bytes, the limit set "
+            "with --max-body-size",
+            headers={"Connection": "close"},
+        )
 
     async def _forward(self, request: web.Request, pacer: Pacer) -> web.StreamResponse:
         # The token first: a client that is not logged in learns it before uploading.
