@@ -6,13 +6,25 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import Proxy, ProxyFactory, get_request, raw_request, seed_tokens
+from helpers import (
+    Proxy,
+    ProxyFactory,
+    ServeProcess,
+    cli_env,
+    get_request,
+    proxy_env,
+    raw_request,
+    seed_tokens,
+)
 
 from closeproxy.sim import RunningSim
 
@@ -245,3 +257,76 @@ async def test_slow_clients_cannot_take_every_connection_to_close(
                 writer.transport.abort()
     assert counters["upstream_errors"] == 0
     assert counters["proxy_busy"] == 0
+
+
+# --- open-file limits -------------------------------------------------------------------
+
+
+def serve_with_open_files(env: dict[str, str], soft: int, hard: int, *args: str) -> ServeProcess:
+    """`closeproxy serve` started under the given RLIMIT_NOFILE."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "closeproxy", "serve", *args],
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+    )
+    server = ServeProcess(process)
+    server.wait_ready(20)
+    return server
+
+
+def open_file_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs /proc")
+async def test_serve_raises_the_soft_open_file_limit_to_the_hard_one(
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-file limit here is only {hard}")
+    seed_tokens(sim, token_file)
+    server = await asyncio.to_thread(serve_with_open_files, proxy_env(sim, token_file), 256, hard)
+    serve_processes.append(server)
+    assert open_file_limit(server.process.pid) == (hard, hard)
+
+
+async def test_near_the_open_file_limit_new_clients_are_refused_at_once(
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+) -> None:
+    """Idle connections beyond what the open-file limit allows: the next client gets a
+    prompt 503, not a wait in the listen queue until the idle ones time out."""
+    seed_tokens(sim, token_file)
+    env = proxy_env(sim, token_file)
+    server = await asyncio.to_thread(
+        serve_with_open_files, env, 160, 160, "--upstream-connections", "16"
+    )
+    serve_processes.append(server)
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(200)]
+    try:
+        reader, writer = await open_raw(server.port, get_request("/api/v1/me/", server.port))
+        status, doc = await read_response(reader, 3)
+        writer.transport.abort()
+    finally:
+        for _, idle_writer in idle:
+            idle_writer.transport.abort()
+    assert status == 503
+    assert doc["closeproxy_error"] == "too_many_connections"
+    assert "ulimit -n" in doc["error"]
+
+    async def served() -> bool:
+        answer = await raw_request(server.port, get_request("/api/v1/me/", server.port))
+        return answer.status == 200
+
+    await wait_until(served)
