@@ -99,6 +99,8 @@ async def test_a_client_hanging_up_before_the_response_head_is_one_debug_line(
 
     await wait_until(handled)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    gone = [r for r in caplog.records if r.getMessage().startswith("client went away")]
+    assert [r.levelno for r in gone] == [logging.DEBUG]
     counters = await status_counters(client, proxy)
     assert counters["client_disconnects"] == 1
     assert counters["upstream_errors"] == 0
