@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import parse_qs
@@ -29,6 +30,8 @@ from .services import SERVICES, Services
 from .tokens import status_document
 
 log = logging.getLogger("closeproxy.admin")
+
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
 def status(services: Services) -> dict[str, Any]:
@@ -140,10 +143,12 @@ async def admin_callback(request: web.Request) -> web.StreamResponse:
     return success_page(tokens, str(services.store.path), note=retired.message)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/admin/status", admin_status)
-    app.router.add_post("/admin/refresh", admin_refresh)
-    app.router.add_post("/admin/revoke", admin_revoke)
-    app.router.add_get("/admin/login", admin_login)
-    app.router.add_get(CALLBACK_PATH, admin_callback)
+def add_routes(app: web.Application, *, expect_handler: ExpectHandler) -> None:
+    """The admin routes; `expect_handler` checks an `Expect: 100-continue` request first."""
+    router = app.router
+    router.add_get("/healthz", healthz, expect_handler=expect_handler)
+    router.add_get("/admin/status", admin_status, expect_handler=expect_handler)
+    router.add_post("/admin/refresh", admin_refresh, expect_handler=expect_handler)
+    router.add_post("/admin/revoke", admin_revoke, expect_handler=expect_handler)
+    router.add_get("/admin/login", admin_login, expect_handler=expect_handler)
+    router.add_get(CALLBACK_PATH, admin_callback, expect_handler=expect_handler)

@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from functools import partial
 
 import aiohttp
-from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin
 from .config import Settings
@@ -18,6 +17,7 @@ from .guard import Guard, Handler
 from .login import login_advice
 from .logs import REQUEST_ID, register_secret
 from .oauth import DEFAULT_BACKOFF, OAuthClient
+from .pacing import ClientLimits
 from .proxy import API_PREFIX, Forwarder
 from .responses import error_response
 from .services import SERVICES, Services
@@ -31,11 +31,16 @@ SKIP_AUTO_HEADERS: frozenset[str] = frozenset(
     {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
 )
 log = logging.getLogger("closeproxy.app")
-UPSTREAM_CONNECTIONS = 256
 UPSTREAM_READ_BUFFER = 256 * 1024
+OTHER_PATHS = r"/{tail:(?!admin/|healthz$|api/v1/).*}"
+# Beyond the forwarder's own connections (which it counts itself): room for token
+# requests, so that a pool full of API calls never delays a refresh.
+TOKEN_CONNECTIONS = 8
 
 
-def client_session(route: UpstreamRoute | None = None) -> aiohttp.ClientSession:
+def client_session(
+    route: UpstreamRoute | None = None, connections: int = 256
+) -> aiohttp.ClientSession:
     """The one pooled, keep-alive session that carries every upstream request.
 
     `route` names the outbound proxy, if any. The environment is never consulted here
@@ -44,7 +49,7 @@ def client_session(route: UpstreamRoute | None = None) -> aiohttp.ClientSession:
     if route is not None and route.proxy is not None:
         register_secret(route.proxy.password, permanent=True)
     connector = aiohttp.TCPConnector(
-        limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
+        limit=connections + TOKEN_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -79,7 +84,7 @@ async def _services(
 ) -> AsyncIterator[None]:
     route = settings.upstream_route()
     log.info("connections to Close at %s go %s", settings.api_url, route.label)
-    session = client_session(route)
+    session = client_session(route, settings.upstream_connections)
     store = TokenStore(settings.token_file)
     provider = TokenProvider(
         store,
@@ -95,6 +100,9 @@ async def _services(
         upstream_timeout=settings.upstream_timeout,
         max_body_size=settings.max_body_size,
         upstream_route=route,
+        client_limits=ClientLimits(settings.client_timeout, settings.client_min_rate),
+        connections=settings.upstream_connections,
+        pool_timeout=settings.pool_timeout,
     )
     app[SERVICES] = Services(settings, session, store, provider, forwarder, upstream_route=route)
     try:
@@ -104,14 +112,53 @@ async def _services(
         await session.close()
 
 
-def _front_middleware(guard: Guard) -> Middleware:
-    ids = itertools.count(1)
-    prefix = f"{os.getpid():x}"
+class BodyNotWanted(TimeoutError):
+    """The body of a request refused before its upload: reading it ends at once."""
+
+
+class Front:
+    """What every request meets before any route: a request id, then the guard.
+
+    aiohttp answers `Expect: 100-continue` before any middleware runs, so the same
+    checks run in `expect` too: a refused client learns it before it uploads."""
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+
+    def _tag(self, request: web.Request) -> None:
+        if REQUEST_ID not in request:
+            request[REQUEST_ID] = f"{self._prefix}-{next(self._ids)}"
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        self._tag(request)
+        refusal = self._guard.check(request)
+        if refusal is None and request.raw_path.startswith(API_PREFIX):
+            refusal = await request.app[SERVICES].forwarder.refusal_before_body(request)
+        if refusal is None:
+            if request.version != HttpVersion11:
+                return None  # HTTP/1.0 has no 100 Continue (RFC 9110 §10.1.1)
+            if request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
+                refusal = error_response(
+                    417,
+                    "expectation_failed",
+                    "the only Expect this proxy knows is 100-continue: drop the header",
+                )
+            else:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0  # the answer proper has not started
+                return None
+        # The client holds its body back as asked: end the connection after the answer
+        # instead of waiting (aiohttp's lingering read) for a body that will not come.
+        refusal.force_close()
+        request.content.set_exception(BodyNotWanted())
+        return refusal
 
     @web.middleware
-    async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[REQUEST_ID] = f"{prefix}-{next(ids)}"
-        refusal = guard.check(request)
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self._tag(request)
+        refusal = self._guard.check(request)
         if refusal is not None:
             return refusal
         try:
@@ -129,7 +176,9 @@ def _front_middleware(guard: Guard) -> Middleware:
                 "/admin/status, /admin/refresh, /admin/revoke, /admin/login",
             )
 
-    return front
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -149,8 +198,12 @@ def create_app(
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
     guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
-    app = web.Application(middlewares=[_front_middleware(guard)])
+    front = Front(guard)
+    app = web.Application(middlewares=[front.middleware])
     app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff), browser_login))
-    admin.add_routes(app)
-    app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward)
+    admin.add_routes(app, expect_handler=front.expect)
+    app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward, expect_handler=front.expect)
+    # Everything else is 404, but through a route, so that Expect is checked there too
+    # (admin paths are left out: a wrong method on them stays 405).
+    app.router.add_route("*", OTHER_PATHS, _not_found, expect_handler=front.expect)
     return app

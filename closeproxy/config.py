@@ -103,6 +103,10 @@ class Settings:
     login_timeout: float = 300.0
     max_body_size: int | None = None
     header_timeout: float = 10.0
+    client_timeout: float = 60.0
+    client_min_rate: int | None = 1024
+    upstream_connections: int = 256
+    pool_timeout: float = 10.0
     config_file: Path | None = None
     upstream_proxy: ProxyURL | Direct | None = None
     # The proxy variables of the environment (and nothing else from it): see upstream_proxy.py.
@@ -251,6 +255,14 @@ def _port(raw: Any, origin: Origin) -> int:
 
 
 def _size(raw: Any, origin: Origin) -> int | None:
+    return _bytes(raw, origin, "max_body_size")
+
+
+def _rate(raw: Any, origin: Origin) -> int | None:
+    return _bytes(raw, origin, "client_min_rate")
+
+
+def _bytes(raw: Any, origin: Origin, name: str) -> int | None:
     text = str(raw).strip().lower()
     if text in {"", "0", "off", "none"}:
         return None
@@ -263,11 +275,24 @@ def _size(raw: Any, origin: Origin) -> int | None:
         raise _fail(
             origin,
             f"expected a size in bytes like 1048576, 512k, 10m or 1g, got {raw!r}",
-            "max_body_size",
+            name,
         ) from None
     if value < 0:
-        raise _fail(origin, f"expected a positive size, got {raw!r}", "max_body_size")
+        raise _fail(origin, f"expected a positive size, got {raw!r}", name)
     return value
+
+
+def _count(name: str, *, high: int) -> Parser:
+    def parse(raw: Any, origin: Origin) -> int:
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise _fail(origin, f"expected a whole number 1-{high}, got {raw!r}", name) from None
+        if not 1 <= value <= high:
+            raise _fail(origin, f"expected a whole number 1-{high}, got {raw!r}", name)
+        return value
+
+    return parse
 
 
 def _url(name: str) -> Parser:
@@ -543,6 +568,43 @@ OPTIONS: tuple[Option, ...] = (
         "environment); the password is never shown",
         _upstream_proxy,
         metavar="URL",
+    ),
+    Option(
+        "client_timeout",
+        "--client-timeout",
+        "CLOSEPROXY_CLIENT_TIMEOUT",
+        "seconds a client may pause while sending its request body or reading the answer "
+        "before it is cut (default 60)",
+        _seconds("client_timeout", positive=True),
+        metavar="SECONDS",
+    ),
+    Option(
+        "client_min_rate",
+        "--client-min-rate",
+        "CLOSEPROXY_CLIENT_MIN_RATE",
+        "slowest average rate, in bytes per second, at which a client may send its body or "
+        "read the answer while the proxy waits on it; slower ones are cut after "
+        "--client-timeout (default 1k; 0 turns the check off)",
+        _rate,
+        metavar="BYTES",
+    ),
+    Option(
+        "upstream_connections",
+        "--upstream-connections",
+        "CLOSEPROXY_UPSTREAM_CONNECTIONS",
+        "most connections to Close at once; clients that send or read slowly may hold at "
+        "most half of them (default 256)",
+        _count("upstream_connections", high=65535),
+        metavar="N",
+    ),
+    Option(
+        "pool_timeout",
+        "--pool-timeout",
+        "CLOSEPROXY_POOL_TIMEOUT",
+        "seconds a request may wait for a free connection to Close before it is answered "
+        "503 proxy_busy (default 10)",
+        _seconds("pool_timeout", positive=True),
+        metavar="SECONDS",
     ),
 )
 OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}

@@ -11,15 +11,17 @@ import binascii
 import hmac
 import re
 from collections.abc import Awaitable, Callable
+from typing import Final
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 
 from .config import LOOPBACK_NAMES, Secret
 from .responses import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+MIN_HTTP_VERSION: Final = HttpVersion10
 REFUSED_METHODS: frozenset[str] = frozenset({"CONNECT", "TRACE", "TRACK"})
 # Paths a browser reaches by navigation, where no key or Origin check can apply: the
 # OAuth callback is protected by its single-use state instead.
@@ -97,6 +99,15 @@ class Guard:
 
     def check(self, request: web.Request) -> web.StreamResponse | None:
         """The refusal for this request, or None to let it through."""
+        if request.version < MIN_HTTP_VERSION:
+            # An HTTP/0.9 line has no version: what follows it must not become headers.
+            refusal = error_response(
+                400,
+                "bad_request_line",
+                "the request line has no HTTP version (HTTP/0.9): send `METHOD /path HTTP/1.1`",
+            )
+            refusal.force_close()
+            return refusal
         method = request.method
         headers = request.headers
         if method in REFUSED_METHODS or "Upgrade" in headers:

@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ServiceError
+from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
@@ -30,6 +31,8 @@ API_PREFIX: Final = "/api/v1/"
 # Bodies up to this size are kept so that the request can be replayed after a refresh.
 REPLAY_LIMIT: Final = 1024 * 1024
 CLIENT_GONE: Final = "client_disconnected"
+PROXY_BUSY: Final = "proxy_busy"
+DEFAULT_CLIENT_LIMITS: Final = ClientLimits(timeout=60.0, min_rate=1024)
 
 # RFC 9110 §7.6.1 plus the de-facto ones; each message's Connection header adds more.
 HOP_BY_HOP: frozenset[str] = frozenset(
@@ -95,6 +98,12 @@ class ForwardCounters:
     requests: int = 0
     replays: int = 0
     upstream_errors: int = 0
+    # Clients that hung up before their answer was complete (their problem, not Close's).
+    client_disconnects: int = 0
+    # Clients cut for sending or reading too slowly (--client-timeout, --client-min-rate).
+    slow_clients_cut: int = 0
+    # Requests answered 503 proxy_busy: no connection to Close came free in time.
+    proxy_busy: int = 0
 
 
 class UpstreamFailed(Exception):
@@ -113,8 +122,9 @@ class BodyTooLarge(Exception):
 class RequestBody:
     """The client's body: kept in memory when small enough to replay, else streamed once."""
 
-    def __init__(self, request: web.Request, limit: int | None) -> None:
+    def __init__(self, request: web.Request, limit: int | None, pacer: Pacer) -> None:
         self._request = request
+        self._pacer = pacer
         self._limit = limit
         self._size = 0
         self.too_large = False
@@ -123,8 +133,8 @@ class RequestBody:
         self._streamed = False
 
     @classmethod
-    async def read(cls, request: web.Request, limit: int | None) -> RequestBody:
-        body = cls(request, limit)
+    async def read(cls, request: web.Request, limit: int | None, pacer: Pacer) -> RequestBody:
+        body = cls(request, limit, pacer)
         if not request.body_exists:
             body.buffered = b""
             return body
@@ -138,7 +148,7 @@ class RequestBody:
         size = 0
         content = request.content
         while size <= REPLAY_LIMIT:
-            chunk = await content.readany()
+            chunk = await pacer.read(content)
             if not chunk:
                 body.buffered = b"".join(chunks)
                 return body
@@ -171,7 +181,7 @@ class RequestBody:
             yield self._prefix
             self._prefix = b""
         content = self._request.content
-        while chunk := await content.readany():
+        while chunk := await self._pacer.read(content):
             self._count(chunk)
             yield chunk
 
@@ -188,6 +198,9 @@ class Forwarder:
         upstream_timeout: float,
         max_body_size: int | None = None,
         upstream_route: UpstreamRoute | None = None,
+        client_limits: ClientLimits = DEFAULT_CLIENT_LIMITS,
+        connections: int = 256,
+        pool_timeout: float = 10.0,
     ) -> None:
         self._session = session
         self._route = upstream_route
@@ -199,52 +212,111 @@ class Forwarder:
         )
         self._upstream_timeout = upstream_timeout
         self._max_body_size = max_body_size
+        self._client_limits = client_limits
+        # One slot per connection to Close: a request waits for one here, for at most
+        # pool_timeout, so that a full pool is answered as such and not as a slow Close.
+        self._connections = connections
+        self._slots = asyncio.Semaphore(connections)
+        self._pool_timeout = pool_timeout
+        self._slow_share = SlowShare(max(1, connections // 2))
         self.counters = ForwardCounters()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
+        pacer = Pacer(self._client_limits, self._slow_share)
         try:
-            upstream = await self._send_with_auth(request)
+            return await self._forward(request, pacer)
         except ServiceError as exc:
             return service_error_response(exc)
+        except ClientTooSlow as exc:
+            self.counters.slow_clients_cut += 1
+            log.debug("cut a slow client: %s", exc.code)
+            return error_response(exc.status, exc.code, str(exc), headers={"Connection": "close"})
         except UpstreamFailed as exc:
-            if exc.code != CLIENT_GONE:
+            if exc.code == CLIENT_GONE:
+                self.counters.client_disconnects += 1
+            elif exc.code == PROXY_BUSY:
+                self.counters.proxy_busy += 1
+            else:
                 self.counters.upstream_errors += 1
             return error_response(exc.status, exc.code, str(exc))
         except BodyTooLarge:
-            return error_response(
-                413,
-                "body_too_large",
-                f"the request body is larger than {self._max_body_size} bytes, the limit set "
-                "with --max-body-size",
-                headers={"Connection": "close"},
-            )
-        try:
-            return await self._relay(request, upstream)
+            return self._too_large()
         finally:
-            upstream.release()
+            pacer.close()
 
-    async def _send_with_auth(self, request: web.Request) -> aiohttp.ClientResponse:
+    async def refusal_before_body(self, request: web.Request) -> web.StreamResponse | None:
+        """What a client that asks `Expect: 100-continue` gets instead of uploading, if
+        anything: the same login and size checks the request itself would meet first."""
+        try:
+            await self._provider.current()
+        except ServiceError as exc:
+            return service_error_response(exc)
+        length = request.content_length
+        if self._max_body_size is not None and length is not None and length > self._max_body_size:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> web.Response:
+        return error_response(
+            413,
+            "body_too_large",
+            f"the request body is larger than {self._max_body_size} bytes, the limit set "
+            "with --max-body-size",
+            headers={"Connection": "close"},
+        )
+
+    async def _forward(self, request: web.Request, pacer: Pacer) -> web.StreamResponse:
         # The token first: a client that is not logged in learns it before uploading.
         tokens = await self._provider.current()
-        body = await RequestBody.read(request, self._max_body_size)
-        upstream = await self._send_once(request, body, tokens.access_token)
+        body = await RequestBody.read(request, self._max_body_size, pacer)
+        await self._take_slot()
+        pacer.holds_upstream = True
+        try:
+            upstream = await self._send_with_auth(request, body, tokens.access_token, pacer)
+            try:
+                return await self._relay(request, upstream, pacer)
+            finally:
+                upstream.release()
+        finally:
+            pacer.holds_upstream = False
+            self._slots.release()
+
+    async def _take_slot(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: no wait, no timer
+            return
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamFailed(
+                503,
+                PROXY_BUSY,
+                f"all {self._connections} connections to Close are busy and none came free "
+                f"within {self._pool_timeout:g} s (--pool-timeout); Close was not contacted: "
+                "try again, or raise --upstream-connections",
+            ) from None
+
+    async def _send_with_auth(
+        self, request: web.Request, body: RequestBody, token: str, pacer: Pacer
+    ) -> aiohttp.ClientResponse:
+        upstream = await self._send_once(request, body, token, pacer)
         if upstream.status != 401 or not body.replayable:
             return upstream
-        token = tokens.access_token
         if not self._provider.should_refresh_on_401(token):
             return upstream
         upstream.release()
         log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
         fresh = await self._provider.refresh(rejected=token)
         self.counters.replays += 1
-        replayed = await self._send_once(request, body, fresh.access_token)
+        replayed = await self._send_once(request, body, fresh.access_token, pacer)
         if replayed.status == 401:
             self._provider.note_replay_rejected(fresh.access_token)
         return replayed
 
     async def _send_once(
-        self, request: web.Request, body: RequestBody, token: str
+        self, request: web.Request, body: RequestBody, token: str, pacer: Pacer
     ) -> aiohttp.ClientResponse:
         url = URL(self._base + request.raw_path, encoded=True)
         try:
@@ -257,6 +329,8 @@ class Forwarder:
                 timeout=self._timeout,
             )
         except TimeoutError:
+            if pacer.cut is not None:  # the client's body stalled, not Close
+                raise pacer.cut from None
             raise UpstreamFailed(
                 504,
                 "upstream_timeout",
@@ -266,6 +340,8 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             if body.too_large:
                 raise BodyTooLarge() from None
+            if pacer.cut is not None:
+                raise pacer.cut from None
             if request.transport is None or request.transport.is_closing():
                 # The client went away mid-upload; the answer is for the log only.
                 raise UpstreamFailed(
@@ -296,32 +372,47 @@ class Forwarder:
         return upstream
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: aiohttp.ClientResponse, pacer: Pacer
     ) -> web.StreamResponse:
         out = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
             headers=self._response_headers(request, upstream.headers),
         )
-        await out.prepare(request)
         sent = 0
         try:
+            await out.prepare(request)
             async for chunk in upstream.content.iter_any():
                 try:
-                    await out.write(chunk)
-                except (ConnectionError, aiohttp.ClientConnectionResetError):
-                    log.debug("client went away after %d body bytes", sent)
-                    return out
+                    await pacer.write(request, out, chunk)
+                except ConnectionError:
+                    return self._client_left(out, pacer, sent)
                 sent += len(chunk)
+        except ConnectionError:
+            return self._client_left(out, pacer, sent)  # gone before the head went out
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The head is gone already: cut the connection so the client sees a
             # truncated body instead of a short one that looks complete.
-            self.counters.upstream_errors += 1
-            log.warning("Close's response body failed after %d bytes: %s", sent, _reason(exc))
             if request.transport is not None:
                 request.transport.abort()
+            if pacer.cut is not None:  # its streamed upload was cut mid-way
+                return self._client_left(out, pacer, sent)
+            self.counters.upstream_errors += 1
+            log.warning("Close's response body failed after %d bytes: %s", sent, _reason(exc))
             return out
-        await out.write_eof()
+        try:
+            await pacer.write_eof(request, out)
+        except ConnectionError:
+            return self._client_left(out, pacer, sent)
+        return out
+
+    def _client_left(self, out: web.StreamResponse, pacer: Pacer, sent: int) -> web.StreamResponse:
+        if pacer.cut is not None:
+            self.counters.slow_clients_cut += 1
+            log.debug("cut a client that read too slowly after %d body bytes", sent)
+        else:
+            self.counters.client_disconnects += 1
+            log.debug("client went away after %d body bytes", sent)
         return out
 
     def _response_headers(

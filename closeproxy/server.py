@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -32,6 +34,12 @@ DRAIN_SECONDS = 30.0
 MAX_REQUEST_LINE = 16 * 1024
 MAX_HEADER_FIELD = 16 * 1024
 MAX_HEADERS = 100
+LISTEN_BACKLOG = 128
+# Open files kept free for everything but client connections: token and lock files,
+# logs, DNS, the listening sockets, connections being refused.
+FD_RESERVE = 64
+# How long a refused connection may take to read its answer before it is dropped.
+REFUSAL_LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,38 +77,125 @@ async def running(
         max_headers=MAX_HEADERS,
     )
     await runner.setup()
+    assert runner.server is not None
+    limit = raise_open_file_limit()
+    admission = Admission(runner.server, client_budget(limit, settings.upstream_connections))
+    listener: asyncio.Server | None = None
     try:
-        site: web.BaseSite
         if settings.unix_socket is not None:
-            site = web.UnixSite(runner, str(settings.unix_socket))
-            await _start_private_socket(site, str(settings.unix_socket))
+            listener = await _listen_private_socket(admission, str(settings.unix_socket))
             where = Listening(f"unix:{settings.unix_socket}", None)
         else:
-            site = web.TCPSite(runner, settings.host, settings.port)
             try:
-                await site.start()
+                listener = await asyncio.get_running_loop().create_server(
+                    admission, settings.host, settings.port, backlog=LISTEN_BACKLOG
+                )
             except OSError as exc:
                 raise ConfigError(
                     f"cannot listen on {settings.host}:{settings.port} "
                     f"({exc.strerror or exc}): pick another port with --port (0 picks a free one)",
                     setting="port",
                 ) from None
-            port = _bound_port(runner.addresses, settings.port)
+            port = _bound_port([sock.getsockname() for sock in listener.sockets], settings.port)
             where = Listening(f"http://{_url_host(settings.host)}:{port}", port)
         yield where
     finally:
+        if listener is not None:
+            listener.close()  # no new connections; the runner drains the open ones
         await runner.cleanup()
         if settings.unix_socket is not None:
             _remove_own_socket(settings.unix_socket)
 
 
-async def _start_private_socket(site: web.BaseSite, path: str) -> None:
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one; returns the soft limit in force.
+
+    The common default of 1024 is easily reached by idle keep-alive clients; once it is,
+    accept() fails and every new client waits, the polite ones included."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or (hard != resource.RLIM_INFINITY and soft >= hard):
+        return soft if soft != resource.RLIM_INFINITY else 1 << 20
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft
+    log.debug("raised the open-file limit from %d to %d", soft, target)
+    return target
+
+
+def client_budget(open_files: int, upstream_connections: int) -> int:
+    """How many client connections fit beside the upstream ones and the reserve."""
+    return max(open_files // 4, open_files - upstream_connections - FD_RESERVE)
+
+
+class Admission:
+    """The listening socket's protocol factory: aiohttp's handler while the client budget
+    lasts, else a short 503 and close, instead of accept() failing for everyone."""
+
+    def __init__(self, server: web.Server, budget: int) -> None:
+        self._server = server
+        self.budget = budget
+        self.lingering = 0  # refused connections still open (they use the reserve)
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self._server.connections) < self.budget:
+            return self._server()
+        return _Refusal(self)
+
+
+class _Refusal(asyncio.Protocol):
+    """Answers 503 too_many_connections to whatever the client sends, then hangs up."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        body = json.dumps(
+            {
+                "error": f"this proxy already has {self._admission.budget} client connections "
+                "open, "
+                "as many as its open-file limit allows: close idle connections, or raise "
+                "the limit (ulimit -n) before starting closeproxy",
+                "closeproxy_error": "too_many_connections",
+            }
+        ).encode()
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        if self._admission.lingering >= FD_RESERVE // 2 or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        # Read and drop what the client sends meanwhile, so that closing does not reset
+        # the connection before it has read the answer; never for long, never for many.
+        self._admission.lingering += 1
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._admission.lingering -= 1
+
+
+async def _listen_private_socket(admission: Admission, path: str) -> asyncio.Server:
     _remove_stale_socket(path)
     # Created 0600 from the start (umask), not chmod-ed after: no window where another
     # local user could connect.
     old = os.umask(0o177)
     try:
-        await site.start()
+        listener = await asyncio.get_running_loop().create_unix_server(
+            admission, path, backlog=LISTEN_BACKLOG
+        )
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on unix socket {path} ({exc.strerror or exc}): choose another "
@@ -110,6 +205,7 @@ async def _start_private_socket(site: web.BaseSite, path: str) -> None:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
+    return listener
 
 
 def _remove_stale_socket(path: str) -> None:

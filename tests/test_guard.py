@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -466,3 +467,90 @@ def test_long_lived_secrets_stay_redacted_however_many_tokens_rotate() -> None:
         register_secret(f"rotating-token-{i:04d}")
     assert redact("x client-secret-that-lives-long y") == "x [secure] y"
     assert redact("rotating-token-0499") == "[secure]"
+
+
+async def first_answer_to_expect(
+    port: int, head: str
+) -> tuple[int, bytes, asyncio.StreamReader, Any]:
+    """Send a head asking `Expect: 100-continue`, no body: the first answer, and its body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.replace("\n", "\r\n").encode())
+    await writer.drain()
+    async with asyncio.timeout(10):
+        status_head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in status_head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        body = await reader.readexactly(length)
+    return int(status_head.split(b" ", 2)[1]), body, reader, writer
+
+
+def expect_head(port: int, path: str = "/api/v1/_sim/upload", **headers: str) -> str:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Length: 5",
+        "Expect: 100-continue",
+        *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
+    ]
+    return "\n".join(lines) + "\n\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code"),
+    [
+        ("host", 403, "forbidden_origin"),
+        ("cross_site", 403, "forbidden_origin"),
+        ("no_key", 401, "proxy_key_required"),
+        ("not_logged_in", 401, "login_required"),
+        ("too_large", 413, "body_too_large"),
+        ("host_on_unknown_path", 403, "forbidden_origin"),
+        ("unknown_expectation", 417, "expectation_failed"),
+    ],
+)
+async def test_expect_100_continue_gets_the_refusal_instead_of_continue(
+    sim: RunningSim,
+    token_file: Path,
+    start_proxy: ProxyFactory,
+    tmp_path: Path,
+    case: str,
+    status: int,
+    code: str,
+) -> None:
+    if case != "not_logged_in":
+        seed_tokens(sim, token_file)
+    flags: dict[str, Any] = {"max_body_size": "4"} if case == "too_large" else {}
+    if case == "no_key":
+        key_file = tmp_path / "key"
+        key_file.write_text(KEY)
+        flags["proxy_key"] = str(key_file)
+    async with start_proxy(**flags) as proxy:
+        head = expect_head(proxy.port)
+        if case in {"host", "host_on_unknown_path"}:
+            path = "/elsewhere" if case == "host_on_unknown_path" else "/api/v1/_sim/upload"
+            head = expect_head(proxy.port, path).replace("127.0.0.1:", "evil.example:")
+        elif case == "cross_site":
+            head = expect_head(proxy.port, Origin="https://evil.example")
+        elif case == "unknown_expectation":
+            head = head.replace("100-continue", "200-ok")
+        answer, body, _, writer = await first_answer_to_expect(proxy.port, head)
+        writer.transport.abort()
+    assert answer == status
+    assert json.loads(body)["closeproxy_error"] == code
+    assert sim.state.api_log == []
+
+
+async def test_expect_100_continue_is_answered_when_every_check_passes(
+    sim: RunningSim, token_file: Path, proxy: Proxy
+) -> None:
+    seed_tokens(sim, token_file)
+    answer, _, reader, writer = await first_answer_to_expect(proxy.port, expect_head(proxy.port))
+    assert answer == 100
+    writer.write(b"hello")
+    async with asyncio.timeout(10):
+        final = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 200 ")
+    assert sim.state.api_log[-1].body_size == 5
