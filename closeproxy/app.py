@@ -80,6 +80,7 @@ async def _services(
         api_url=settings.api_url,
         upstream_timeout=settings.upstream_timeout,
         max_body_size=settings.max_body_size,
+        rate_limit_wait=settings.rate_limit_wait,
     )
     app[SERVICES] = Services(settings, session, store, provider, forwarder)
     try:

@@ -94,6 +94,7 @@ class Settings:
     login_timeout: float = 300.0
     max_body_size: int | None = None
     header_timeout: float = 10.0
+    rate_limit_wait: float = 60.0
     config_file: Path | None = None
     # setting name -> where its value came from, for error messages
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -490,6 +491,15 @@ OPTIONS: tuple[Option, ...] = (
         "CLOSEPROXY_HEADER_TIMEOUT",
         "seconds a client may take to send its request head (default 10)",
         _seconds("header_timeout", positive=True),
+        metavar="SECONDS",
+    ),
+    Option(
+        "rate_limit_wait",
+        "--rate-limit-wait",
+        "CLOSEPROXY_RATE_LIMIT_WAIT",
+        "longest a request waits out Close's rate limits before Close's 429 is passed on "
+        "(default 60; 0 passes every 429 through unchanged)",
+        _seconds("rate_limit_wait", positive=False),
         metavar="SECONDS",
     ),
 )

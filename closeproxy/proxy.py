@@ -1,6 +1,8 @@
 """The forwarding handler: client request in, token on, both bodies streamed.
 
-    handle -> _send_with_auth (token, one refresh + replay on 401) -> _send_once -> _relay
+    handle -> _send_with_auth (token, one refresh + replay on 401)
+           -> _send_limited (Close's rate limits: hold, retry 429s; ratelimit.py)
+           -> _send_once -> _relay
 
 Method, path and query go upstream byte for byte; hop-by-hop headers are dropped both
 ways (RFC 9110 §7.6.1); bodies are never decompressed or collected whole.
@@ -20,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ServiceError
+from .ratelimit import WAIT_HEADER, BadWaitHeader, ClientGone, RateLimits, Wait
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
 
@@ -59,6 +62,7 @@ REQUEST_DROP: frozenset[str] = HOP_BY_HOP | frozenset(
         "x-forwarded-port",
         "x-forwarded-prefix",
         "x-real-ip",
+        WAIT_HEADER.lower(),  # the client's word to this proxy, not to Close
     }
 )
 # Never relayed back: Close's cookies belong to no client of the proxy, and no CORS
@@ -186,6 +190,7 @@ class Forwarder:
         api_url: URL,
         upstream_timeout: float,
         max_body_size: int | None = None,
+        rate_limit_wait: float = 60.0,
     ) -> None:
         self._session = session
         self._provider = provider
@@ -197,6 +202,7 @@ class Forwarder:
         self._upstream_timeout = upstream_timeout
         self._max_body_size = max_body_size
         self.counters = ForwardCounters()
+        self.rate_limits = RateLimits(rate_limit_wait)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
@@ -208,6 +214,8 @@ class Forwarder:
             if exc.code != CLIENT_GONE:
                 self.counters.upstream_errors += 1
             return error_response(exc.status, exc.code, str(exc))
+        except BadWaitHeader as exc:
+            return error_response(400, "bad_rate_limit_wait", str(exc))
         except BodyTooLarge:
             return error_response(
                 413,
@@ -222,10 +230,13 @@ class Forwarder:
             upstream.release()
 
     async def _send_with_auth(self, request: web.Request) -> aiohttp.ClientResponse:
+        wait = self.rate_limits.wait_for(
+            request.method, request.path, request.headers.get(WAIT_HEADER)
+        )
         # The token first: a client that is not logged in learns it before uploading.
         tokens = await self._provider.current()
         body = await RequestBody.read(request, self._max_body_size)
-        upstream = await self._send_once(request, body, tokens.access_token)
+        upstream = await self._send_limited(request, body, wait, tokens.access_token)
         if upstream.status != 401 or not body.replayable:
             return upstream
         token = tokens.access_token
@@ -235,10 +246,26 @@ class Forwarder:
         log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
         fresh = await self._provider.refresh(rejected=token)
         self.counters.replays += 1
-        replayed = await self._send_once(request, body, fresh.access_token)
+        replayed = await self._send_limited(request, body, wait, fresh.access_token)
         if replayed.status == 401:
             self._provider.note_replay_rejected(fresh.access_token)
         return replayed
+
+    async def _send_limited(
+        self, request: web.Request, body: RequestBody, wait: Wait, token: str
+    ) -> aiohttp.ClientResponse:
+        """_send_once through the group's gate; a 429 is retried while the budget lasts."""
+        try:
+            return await self.rate_limits.send(
+                wait,
+                lambda: self._send_once(request, body, token),
+                replayable=body.replayable,
+                client_gone=lambda: request.transport is None or request.transport.is_closing(),
+            )
+        except ClientGone:
+            raise UpstreamFailed(
+                400, CLIENT_GONE, "the client closed the connection while its request waited"
+            ) from None
 
     async def _send_once(
         self, request: web.Request, body: RequestBody, token: str
