@@ -6,13 +6,14 @@ import asyncio
 import io
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import Proxy, ProxyFactory, seed_tokens
+from helpers import Proxy, ProxyFactory, cli_env, seed_tokens
 
 from closeproxy.ratelimit import WAIT_HEADER
 from closeproxy.sim import RunningSim
@@ -306,3 +307,43 @@ async def test_status_shows_the_group_and_the_log_one_line_per_wait_without_secr
     assert tokens.refresh_token
     assert tokens.refresh_token not in text
     assert sim.state.rate_groups["GET lead"].early_arrivals == 0
+
+
+async def test_demo_prints_a_curl_loop_that_passes_only_through_the_proxy() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "demo",
+        "--port",
+        "0",
+        "--exit-after",
+        "60",
+        env=cli_env({}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    loops: list[str] = []
+    try:
+        while len(loops) < 2:
+            line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+            assert line, "demo ended before printing its rate-limit loops"
+            if line.startswith("  for i in"):
+                loops.append(line.strip())
+        counts = []
+        for loop in loops:
+            shell = await asyncio.create_subprocess_shell(
+                loop, stdout=asyncio.subprocess.PIPE, env=cli_env({})
+            )
+            out, _ = await asyncio.wait_for(shell.communicate(), 60)
+            counts.append(
+                {int(s): int(n) for n, s in (row.split() for row in out.decode().splitlines())}
+            )
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+    through, without = counts
+    assert through == {200: 20}
+    assert without.get(429, 0) > 0
+    assert sum(without.values()) == 20
