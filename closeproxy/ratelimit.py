@@ -40,6 +40,8 @@ WAIT_HEADER: Final = "Closeproxy-Rate-Limit-Wait"
 API_PREFIX: Final = "/api/v1/"
 # No signal at all in a 429 (or only unreadable ones): wait this long.
 DEFAULT_WAIT: Final = 1.0
+# A 429 saying "retry in 0 s" must not turn into a tight loop of retries against Close.
+MIN_WAIT: Final = 0.1
 JITTER_FRACTION: Final = 0.1
 JITTER_MAX: Final = 1.0
 MAX_GROUPS: Final = 100
@@ -264,7 +266,7 @@ class GroupGate:
             # The new window's first answers said nothing: stop holding anyone.
             self.credits = None
         if status == 429:
-            wait = announced_wait(headers, now=now_wall)
+            wait = max(announced_wait(headers, now=now_wall), MIN_WAIT)
             self.blocked_until = max(self.blocked_until, now + wait)
             self.reason = "Close answered 429"
             if self.credits is None or self.window_end < now + wait:

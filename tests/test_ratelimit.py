@@ -190,6 +190,13 @@ def test_a_429_with_nothing_readable_backs_off_one_second() -> None:
     assert gate.admit(1.0) == 0.0
 
 
+def test_a_429_saying_zero_still_backs_off_a_little() -> None:
+    gate = GroupGate()
+    gate.admit(0)
+    gate.observe(429, {"Retry-After": "0"}, now=0, now_wall=NOW_WALL)
+    assert gate.admit(0.01) == pytest.approx(0.09)
+
+
 def test_answers_without_headers_in_a_new_window_stop_the_holding() -> None:
     gate = GroupGate()
     gate.admit(0)

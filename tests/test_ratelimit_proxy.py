@@ -88,6 +88,39 @@ async def test_get_and_json_post_meeting_a_429_end_200_after_the_reset_one_lead_
         assert stats.early_arrivals == 0
 
 
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"rate_limit_separator": ";"},
+        {"rate_limit_retry_after": False},
+        {"rate_limit_decimal_reset": False, "rate_limit_separator": ";"},
+        {"rate_limit_malformed": True, "rate_limit_retry_after": False},
+    ],
+    ids=["semicolons", "no-retry-after", "whole-seconds", "malformed-1s-fallback"],
+)
+async def test_every_header_shape_close_sends_is_waited_out(
+    sim: RunningSim,
+    token_file: Path,
+    proxy: Proxy,
+    client: aiohttp.ClientSession,
+    knobs: dict[str, object],
+) -> None:
+    tokens = seed_tokens(sim, token_file)
+    limit(sim, 1.0, GET_lead=2)
+    sim.state.set_knobs(knobs)
+    for _ in range(2):  # the window's two slots, spent by another tool
+        async with client.get(
+            sim.url + LEADS, headers={"Authorization": f"Bearer {tokens.access_token}"}
+        ) as resp:
+            assert resp.status == 200
+    for _ in range(4):
+        async with client.get(f"{proxy.url}{LEADS}") as resp:
+            assert resp.status == 200
+    stats = sim.state.rate_groups["GET lead"]
+    assert stats.limited >= 1
+    assert stats.early_arrivals == 0
+
+
 @pytest.mark.parametrize("how", ["setting", "header"])
 async def test_budget_zero_hands_over_closes_429_unchanged_and_the_header_stays_home(
     sim: RunningSim,
