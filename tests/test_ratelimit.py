@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from closeproxy.config import load_settings
+from closeproxy.errors import ConfigError
 from closeproxy.ratelimit import (
     DEFAULT_WAIT,
     BadWaitHeader,
@@ -223,3 +225,13 @@ def test_status_reports_null_for_what_close_never_sent() -> None:
             "waiting": 0,
         }
     }
+
+
+def test_rate_limit_wait_setting_defaults_to_60_and_follows_precedence() -> None:
+    assert load_settings({}, {}).rate_limit_wait == 60.0
+    assert load_settings({}, {"CLOSEPROXY_RATE_LIMIT_WAIT": "0"}).rate_limit_wait == 0.0
+    flagged = load_settings({"rate_limit_wait": "7.5"}, {"CLOSEPROXY_RATE_LIMIT_WAIT": "0"})
+    assert flagged.rate_limit_wait == 7.5
+    with pytest.raises(ConfigError, match="CLOSEPROXY_RATE_LIMIT_WAIT") as caught:
+        load_settings({}, {"CLOSEPROXY_RATE_LIMIT_WAIT": "-1"})
+    assert caught.value.setting == "rate_limit_wait"
