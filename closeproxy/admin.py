@@ -43,6 +43,7 @@ def status(services: Services) -> dict[str, Any]:
         **asdict(services.forwarder.counters),
         **asdict(services.provider.counters),
     }
+    doc["rate_limits"] = services.forwarder.rate_limits.status()
     doc["version"] = __version__
     doc["uptime"] = round(time.monotonic() - services.started, 1)
     return doc

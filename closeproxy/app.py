@@ -103,6 +103,7 @@ async def _services(
         client_limits=ClientLimits(settings.client_timeout, settings.client_min_rate),
         connections=settings.upstream_connections,
         pool_timeout=settings.pool_timeout,
+        rate_limit_wait=settings.rate_limit_wait,
     )
     app[SERVICES] = Services(settings, session, store, provider, forwarder, upstream_route=route)
     try:

@@ -107,6 +107,7 @@ class Settings:
     client_min_rate: int | None = 1024
     upstream_connections: int = 256
     pool_timeout: float = 10.0
+    rate_limit_wait: float = 60.0
     config_file: Path | None = None
     upstream_proxy: ProxyURL | Direct | None = None
     # The proxy variables of the environment (and nothing else from it): see upstream_proxy.py.
@@ -604,6 +605,15 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a request may wait for a free connection to Close before it is answered "
         "503 proxy_busy (default 10)",
         _seconds("pool_timeout", positive=True),
+        metavar="SECONDS",
+    ),
+    Option(
+        "rate_limit_wait",
+        "--rate-limit-wait",
+        "CLOSEPROXY_RATE_LIMIT_WAIT",
+        "longest a request waits out Close's rate limits before Close's 429 is passed on "
+        "(default 60; 0 passes every 429 through unchanged)",
+        _seconds("rate_limit_wait", positive=False),
         metavar="SECONDS",
     ),
 )

@@ -24,6 +24,10 @@ from .server import STOP_SIGNALS, Listening, running
 from .sim import SimConfig, run_sim
 
 DEMO_TOKEN_LIFETIME = 60.0
+# One endpoint group limited low enough that a plain curl loop runs into it (SPEC §9).
+DEMO_RATE_GROUP = "GET lead"
+DEMO_RATE_LIMIT = 5  # per second
+DEMO_LOOP_CALLS = 20
 
 
 class DemoFailed(CloseProxyError):
@@ -86,7 +90,10 @@ async def demo(
         loop.add_signal_handler(signum, stop.set)
     try:
         with tempfile.TemporaryDirectory(prefix="closeproxy-demo-") as tmp:
-            sim_config = SimConfig(token_lifetime=DEMO_TOKEN_LIFETIME)
+            sim_config = SimConfig(
+                token_lifetime=DEMO_TOKEN_LIFETIME,
+                group_rate_limits={DEMO_RATE_GROUP: DEMO_RATE_LIMIT},
+            )
             async with run_sim(sim_config) as sim:
                 demo_settings = Settings(
                     client_id=sim_config.client_id,
@@ -113,12 +120,35 @@ async def demo(
                         f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
                         "show up in the log. Ctrl-C stops the demo."
                     )
+                    say(rate_limit_demo(where.url))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), exit_after)
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
     return 0
+
+
+def rate_limit_loop(url: str, *, wait: str | None = None) -> str:
+    """A shell loop of curl calls that outruns the demo's limit; prints a count per status."""
+    header = f"-H 'Closeproxy-Rate-Limit-Wait: {wait}' " if wait is not None else ""
+    return (
+        f"for i in $(seq {DEMO_LOOP_CALLS}); do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+        f"{header}'{url}/api/v1/lead/?_limit=1'; done | sort | uniq -c"
+    )
+
+
+def rate_limit_demo(url: str) -> str:
+    """What the demo prints about Close's rate limits."""
+    return (
+        f"\nRate limits: this simulated Close allows {DEMO_RATE_LIMIT} {DEMO_RATE_GROUP} calls "
+        f"a second, as Close limits each endpoint group.\nThis loop gets {DEMO_LOOP_CALLS} "
+        "times 200, a little slower; the log says how long each call waited:\n"
+        f"  {rate_limit_loop(url)}\n"
+        "The same loop as it would fare without the proxy (the header hands Close's 429s "
+        "straight through):\n"
+        f"  {rate_limit_loop(url, wait='0')}\n"
+    )
 
 
 @contextlib.asynccontextmanager

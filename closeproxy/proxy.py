@@ -1,6 +1,8 @@
 """The forwarding handler: client request in, token on, both bodies streamed.
 
-    handle -> _send_with_auth (token, one refresh + replay on 401) -> _send_once -> _relay
+    handle -> _send_with_auth (token, one refresh + replay on 401)
+           -> _send_limited (Close's rate limits: hold, retry 429s; ratelimit.py)
+           -> _send_once -> _relay
 
 Method, path and query go upstream byte for byte; hop-by-hop headers are dropped both
 ways (RFC 9110 §7.6.1); bodies are never decompressed or collected whole.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,6 +23,7 @@ from yarl import URL
 
 from .errors import ServiceError
 from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
+from .ratelimit import WAIT_HEADER, BadWaitHeader, ClientGone, RateLimits, Wait
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
@@ -63,6 +66,7 @@ REQUEST_DROP: frozenset[str] = HOP_BY_HOP | frozenset(
         "x-forwarded-port",
         "x-forwarded-prefix",
         "x-real-ip",
+        WAIT_HEADER.lower(),  # the client's word to this proxy, not to Close
     }
 )
 # Never relayed back: Close's cookies belong to no client of the proxy, and no CORS
@@ -201,6 +205,7 @@ class Forwarder:
         client_limits: ClientLimits = DEFAULT_CLIENT_LIMITS,
         connections: int = 256,
         pool_timeout: float = 10.0,
+        rate_limit_wait: float = 60.0,
     ) -> None:
         self._session = session
         self._route = upstream_route
@@ -220,6 +225,7 @@ class Forwarder:
         self._pool_timeout = pool_timeout
         self._slow_share = SlowShare(max(1, connections // 2))
         self.counters = ForwardCounters()
+        self.rate_limits = RateLimits(rate_limit_wait)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
@@ -240,6 +246,8 @@ class Forwarder:
             else:
                 self.counters.upstream_errors += 1
             return error_response(exc.status, exc.code, str(exc))
+        except BadWaitHeader as exc:
+            return error_response(400, "bad_rate_limit_wait", str(exc))
         except BodyTooLarge:
             return self._too_large()
         finally:
@@ -267,20 +275,34 @@ class Forwarder:
         )
 
     async def _forward(self, request: web.Request, pacer: Pacer) -> web.StreamResponse:
+        wait = self.rate_limits.wait_for(
+            request.method, request.path, request.headers.get(WAIT_HEADER)
+        )
         # The token first: a client that is not logged in learns it before uploading.
         tokens = await self._provider.current()
         body = await RequestBody.read(request, self._max_body_size, pacer)
-        await self._take_slot()
-        pacer.holds_upstream = True
+        held = False
+
+        async def send(token: str) -> aiohttp.ClientResponse:
+            # The pool slot is taken at the first attempt: a request held back by its
+            # group's rate limit waits without occupying a connection to Close.
+            nonlocal held
+            if not held:
+                await self._take_slot()
+                held = True
+                pacer.holds_upstream = True
+            return await self._send_once(request, body, token, pacer)
+
         try:
-            upstream = await self._send_with_auth(request, body, tokens.access_token, pacer)
+            upstream = await self._send_with_auth(request, body, wait, tokens.access_token, send)
             try:
                 return await self._relay(request, upstream, pacer)
             finally:
                 upstream.release()
         finally:
-            pacer.holds_upstream = False
-            self._slots.release()
+            if held:
+                pacer.holds_upstream = False
+                self._slots.release()
 
     async def _take_slot(self) -> None:
         if not self._slots.locked():
@@ -299,9 +321,14 @@ class Forwarder:
             ) from None
 
     async def _send_with_auth(
-        self, request: web.Request, body: RequestBody, token: str, pacer: Pacer
+        self,
+        request: web.Request,
+        body: RequestBody,
+        wait: Wait,
+        token: str,
+        send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
     ) -> aiohttp.ClientResponse:
-        upstream = await self._send_once(request, body, token, pacer)
+        upstream = await self._send_limited(request, body, wait, token, send)
         if upstream.status != 401 or not body.replayable:
             return upstream
         if not self._provider.should_refresh_on_401(token):
@@ -310,10 +337,31 @@ class Forwarder:
         log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
         fresh = await self._provider.refresh(rejected=token)
         self.counters.replays += 1
-        replayed = await self._send_once(request, body, fresh.access_token, pacer)
+        replayed = await self._send_limited(request, body, wait, fresh.access_token, send)
         if replayed.status == 401:
             self._provider.note_replay_rejected(fresh.access_token)
         return replayed
+
+    async def _send_limited(
+        self,
+        request: web.Request,
+        body: RequestBody,
+        wait: Wait,
+        token: str,
+        send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
+    ) -> aiohttp.ClientResponse:
+        """`send` through the group's gate; a 429 is retried while the budget lasts."""
+        try:
+            return await self.rate_limits.send(
+                wait,
+                lambda: send(token),
+                replayable=body.replayable,
+                client_gone=lambda: request.transport is None or request.transport.is_closing(),
+            )
+        except ClientGone:
+            raise UpstreamFailed(
+                400, CLIENT_GONE, "the client closed the connection while its request waited"
+            ) from None
 
     async def _send_once(
         self, request: web.Request, body: RequestBody, token: str, pacer: Pacer

@@ -3,6 +3,7 @@
     python scripts/bench.py stream  [--size 1G] [--chunk 256k] [--json]
     python scripts/bench.py latency [--requests 5000] [--concurrency 10] [--json]
     python scripts/bench.py slow    [--downloads 300] [--uploads 260] [--json]
+    python scripts/bench.py ratelimit [--requests 1000] [--limit 20] [--json]
 
 Both start the simulator (`python -m closeproxy.sim`) and `closeproxy serve` as separate
 processes on free loopback ports, seed the proxy's token file from the simulator, and
@@ -13,6 +14,10 @@ the ratio compares like with like on this machine.
 proxy's peak RSS during a large download and upload, throughput, and whether the first
 byte of a slow download reaches the client long before the upstream has finished. It
 prints PASS/FAIL lines and exits 0 only if all pass. `latency` prints figures only.
+`ratelimit` (SPEC §9) limits one endpoint group at the simulator and sends sequential,
+curl-style requests (a new connection each, no retry of a 429) at three times that
+limit, direct and through the proxy: it prints the failures of each and the proxy's total
+time against the ideal (requests / limit).
 
 Units: sizes in MiB (2**20 bytes); throughput and RSS in MB (10**6 bytes), so the RSS
 limit is the stricter reading of "80 MB".
@@ -996,6 +1001,122 @@ def cmd_slow(args: argparse.Namespace) -> int:
         say(json.dumps({"bench": "slow", **figures, "shutdown": shutdown}))
     say(f"{'PASS' if figures['all_ok'] else 'FAIL'}  every ordinary GET answered 200")
     return 0 if figures["all_ok"] else 1
+# --- rate limits (SPEC §9) -----------------------------------------------------------
+
+RATELIMIT_GROUP: Final = "GET lead"
+RATELIMIT_PATH: Final = "/api/v1/lead/?_limit=1&_fields=id"
+
+
+@dataclass
+class PacedRun:
+    """Sequential requests, each started no earlier than its slot at the offered rate."""
+
+    label: str
+    statuses: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> int:
+        return sum(count for status, count in self.statuses.items() if status != 200)
+
+    def line(self) -> str:
+        seen = ", ".join(f"{status}: {count}" for status, count in sorted(self.statuses.items()))
+        return f"  {self.label:<7} {self.seconds:7.2f} s, failures {self.failures} ({seen})"
+
+
+async def paced(target: Target, *, requests: int, rate: float) -> PacedRun:
+    """Like a shell loop of curl calls: one connection per request, a 429 is a failure."""
+    run = PacedRun(target.name)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=CLIENT_TIMEOUT, trust_env=False
+    ) as client:
+        start = time.perf_counter()
+        for index in range(requests):
+            delay = start + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                async with client.get(target.base + RATELIMIT_PATH, headers=target.headers) as r:
+                    await r.read()
+                    status = r.status
+            except (aiohttp.ClientError, TimeoutError):
+                status = 0  # no answer at all
+            run.statuses[status] = run.statuses.get(status, 0) + 1
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+async def sim_call(client: aiohttp.ClientSession, rig: Rig, path: str, body: Any) -> Any:
+    async with client.request(
+        "POST" if body is not None else "GET", rig.sim.url + path, json=body
+    ) as reply:
+        if reply.status != 200:
+            raise BenchError(f"simulator {path} answered {reply.status}: {await reply.text()}")
+        return await reply.json()
+
+
+async def ratelimit_figures(args: argparse.Namespace, rig: Rig) -> dict[str, Any]:
+    offered = 3 * args.limit
+    ideal = args.requests / args.limit
+    say(
+        f"{RATELIMIT_GROUP} limited to {args.limit} per 1 s window at the simulator; "
+        f"{args.requests} sequential requests per target offered at {offered}/s, "
+        f"a new connection each; {os.cpu_count()} CPUs"
+    )
+    runs: dict[str, PacedRun] = {}
+    stats: dict[str, Any] = {}
+    async with session() as control:
+        await sim_call(
+            control,
+            rig,
+            "/_sim/control",
+            {"group_rate_limits": {RATELIMIT_GROUP: args.limit}, "rate_window": 1.0},
+        )
+        for target in targets(rig):
+            await sim_call(control, rig, "/_sim/reset", {})  # a fresh window for each run
+            rig.require_running()
+            run = await paced(target, requests=args.requests, rate=offered)
+            runs[target.name] = run
+            stats[target.name] = (await sim_call(control, rig, "/_sim/stats", None))[
+                "rate_groups"
+            ].get(RATELIMIT_GROUP, {})
+            say(run.line() + f"; simulator saw {stats[target.name]}")
+        async with control.get(rig.proxy.url + "/admin/status") as reply:
+            proxy_view = (await reply.json())["rate_limits"].get(RATELIMIT_GROUP, {})
+    proxy = runs["proxy"]
+    over = proxy.seconds / ideal - 1
+    say(
+        f"  failures direct {runs['direct'].failures}, through the proxy {proxy.failures}; "
+        f"proxy total {proxy.seconds:.2f} s vs ideal {ideal:.2f} s ({over:+.1%}); "
+        f"proxy counted {proxy_view.get('waits')} waits, "
+        f"{proxy_view.get('waited_seconds')} s waited, "
+        f"{proxy_view.get('passed_through')} 429s passed through"
+    )
+    return {
+        "requests": args.requests,
+        "limit": args.limit,
+        "offered_per_s": offered,
+        "ideal_s": round(ideal, 3),
+        "direct": {
+            "seconds": round(runs["direct"].seconds, 3),
+            "statuses": runs["direct"].statuses,
+        },
+        "proxy": {"seconds": round(proxy.seconds, 3), "statuses": proxy.statuses},
+        "proxy_over_ideal": round(over, 4),
+        "simulator": stats,
+        "proxy_rate_limits": proxy_view,
+    }
+
+
+def cmd_ratelimit(args: argparse.Namespace) -> int:
+    with rig(args.log_level) as running:
+        figures = asyncio.run(ratelimit_figures(args, running))
+        shutdown = running.stop()
+    report_shutdown(shutdown)
+    if args.json:
+        say(json.dumps({"bench": "ratelimit", **figures, "shutdown": shutdown}))
+    return 0
 
 
 # --- command line ------------------------------------------------------------------
@@ -1057,6 +1178,18 @@ def parser() -> argparse.ArgumentParser:
     slow.add_argument("--probes", type=int, default=20, help="ordinary GETs, one at a time")
     slow.add_argument("--probe-timeout", type=float, default=30.0, help="seconds per GET")
     slow.set_defaults(run=cmd_slow)
+
+    ratelimit = commands.add_parser(
+        "ratelimit",
+        parents=[common],
+        help="sequential requests at 3x a group's limit: failures and time, direct vs proxy",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ratelimit.add_argument("--requests", type=int, default=1000, help="requests per target")
+    ratelimit.add_argument(
+        "--limit", type=int, default=20, help="the group's limit per second at the simulator"
+    )
+    ratelimit.set_defaults(run=cmd_ratelimit)
     return top
 
 

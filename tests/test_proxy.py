@@ -249,7 +249,8 @@ async def test_close_errors_pass_through_unchanged(
     sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     seed_tokens(sim, token_file)
-    async with start_proxy() as proxy:
+    # A 429 is waited out by default (test_ratelimit_proxy.py); with 0 s it passes through.
+    async with start_proxy(rate_limit_wait=0) as proxy:
         async with client.get(f"{proxy.url}/api/v1/_sim/status/503") as resp:
             assert resp.status == 503
             assert "closeproxy_error" not in await resp.json()
