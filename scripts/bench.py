@@ -1001,6 +1001,8 @@ def cmd_slow(args: argparse.Namespace) -> int:
         say(json.dumps({"bench": "slow", **figures, "shutdown": shutdown}))
     say(f"{'PASS' if figures['all_ok'] else 'FAIL'}  every ordinary GET answered 200")
     return 0 if figures["all_ok"] else 1
+
+
 # --- rate limits (SPEC §9) -----------------------------------------------------------
 
 RATELIMIT_GROUP: Final = "GET lead"
