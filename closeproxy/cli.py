@@ -244,7 +244,12 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     if "port" not in settings.sources:
         settings = replace(settings, port=DEFAULT_PORT)
     return asyncio.run(
-        demo(settings, exit_after=args.exit_after, say=lambda text: print(text, flush=True))
+        demo(
+            settings,
+            exit_after=args.exit_after,
+            seed=args.seed,
+            say=lambda text: print(text, flush=True),
+        )
     )
 
 
@@ -344,6 +349,15 @@ def _add_option(parser: argparse.ArgumentParser, name: str) -> None:
     )
 
 
+MAX_DEMO_SEED = 100_000
+
+
+def _demo_seed(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_DEMO_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {MAX_DEMO_SEED}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="closeproxy",
@@ -396,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="SECONDS",
                 default=None,
                 help="stop after this many seconds (default: run until Ctrl-C)",
+            )
+            sub.add_argument(
+                "--seed",
+                type=_demo_seed,
+                metavar="N",
+                default=None,
+                help="simulate an organization with N leads (and their contacts, "
+                "opportunities, tasks, activities and events), the same data for the same N "
+                "(default: five sample leads)",
             )
         for option_name in COMMAND_OPTIONS[name]:
             _add_option(sub, option_name)

@@ -82,6 +82,7 @@ async def demo(
     *,
     exit_after: float | None,
     say: Callable[[str], None],
+    seed: int | None = None,
 ) -> int:
     """Run until Ctrl-C (or `exit_after` seconds); the token file lives in a temp dir."""
     stop = asyncio.Event()
@@ -93,6 +94,7 @@ async def demo(
             sim_config = SimConfig(
                 token_lifetime=DEMO_TOKEN_LIFETIME,
                 group_rate_limits={DEMO_RATE_GROUP: DEMO_RATE_LIMIT},
+                seed=seed,
             )
             async with run_sim(sim_config) as sim:
                 demo_settings = Settings(

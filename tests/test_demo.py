@@ -49,3 +49,70 @@ async def test_demo_serves_the_api_within_seconds() -> None:
         process.terminate()
         await asyncio.wait_for(process.wait(), 20)
     assert process.returncode == 0
+
+
+async def _demo_url(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    printed = ""
+    while True:
+        line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+        assert line, f"demo ended early: {printed}"
+        printed += line
+        if match := re.match(r"listening on (http://127\.0\.0\.1:\d+)", line):
+            return match.group(1)
+
+
+async def _seeded_leads(seed: str) -> tuple[int, list[str]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "demo",
+        "--port",
+        "0",
+        "--seed",
+        seed,
+        "--exit-after",
+        "30",
+        env=cli_env({}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        url = await _demo_url(process)
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{url}/api/v1/lead/?_limit=5&_fields=id,display_name") as resp,
+        ):
+            assert resp.status == 200
+            page = await resp.json()
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+    assert process.returncode == 0
+    return page["total_results"], [lead["display_name"] for lead in page["data"]]
+
+
+async def test_demo_seed_serves_the_same_organization_every_time() -> None:
+    first, second = await asyncio.gather(_seeded_leads("40"), _seeded_leads("40"))
+    assert first[0] == 40
+    assert first == second
+    other = await _seeded_leads("41")
+    assert other[0] == 41
+
+
+async def test_demo_refuses_a_seed_that_is_not_a_number() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "demo",
+        "--seed",
+        "many",
+        env=cli_env({}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert "--seed" in err.decode() and "whole number" in err.decode()
