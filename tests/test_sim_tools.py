@@ -84,7 +84,7 @@ def tap_python(pytestconfig: pytest.Config) -> Path:
     root = os.environ.get("CLOSEPROXY_TEST_CACHE")
     if root:
         cache = Path(root)
-    elif pytestconfig.cache is not None:
+    elif getattr(pytestconfig, "cache", None) is not None:
         cache = pytestconfig.cache.mkdir("tools")
     else:  # pytest -p no:cacheprovider
         cache = Path(tempfile.gettempdir()) / "closeproxy-test-cache"
