@@ -152,7 +152,7 @@ async def _provider(
 def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings) as provider:
-            tokens = await provider.refresh(rejected=None)
+            tokens = await provider.refresh(force=True)
         print(
             f"refreshed: the new access token expires in "
             f"{_format_duration(tokens.expires_in())}; saved to {settings.token_file}"
