@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -316,7 +317,14 @@ class TokenStore:
 
     def _open_lock(self) -> int:
         try:
-            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # flock needs no write access: an existing lock file still works on a disk
+                # that is full or read-only, so a refresh can go on and keep its tokens.
+                return os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise TokenStoreError(
                 f"cannot open the lock file {self.lock_path}: {exc.strerror}"

@@ -108,6 +108,8 @@ class TokenProvider:
         self.counters = Counters()
         self._clock = clock
         self.request_wait = request_wait
+        # Why the disk last refused new tokens; names the file, never a token.
+        self.save_error: str | None = None
         self._tokens: TokenSet | None = None
         self._fingerprint: Fingerprint | None = None
         self._loaded = False
@@ -320,6 +322,7 @@ class TokenProvider:
                 self._unsaved = None
             log.info("saved the tokens that could not be saved before to %s", self.store.path)
         except TokenStoreError as exc:
+            self.save_error = str(exc)
             log.error(
                 "the newest tokens could still not be saved (%s): they are lost when this "
                 "process exits, and %s holds a refresh token Close has already replaced, so "
@@ -414,13 +417,13 @@ class TokenProvider:
             try:
                 fingerprint = await asyncio.to_thread(self.store.save, fresh)
             except TokenStoreError as exc:
+                self.save_error = str(exc)
                 self._unsaved = fresh
                 self._adopt(fresh, self._fingerprint)
                 self._next_save_attempt = self._clock() + SAVE_RETRY
                 log.error(
-                    "Close issued new tokens but they could not be saved (%s); serving them from "
-                    "memory and retrying the save. If this process stops before it succeeds, "
-                    "you will have to run `closeproxy login` again",
+                    "Close issued new tokens but they could not be saved (%s); only this process "
+                    "holds them now, and it retries the save before any further refresh",
                     exc,
                 )
                 return fresh, True

@@ -108,7 +108,7 @@ async def test_token_endpoint_down_is_503_and_keeps_the_refresh_token(
     # A 503 reply is retried (three attempts); a dropped connection may have reached
     # Close, so resending the refresh token could spend it twice: no retry.
     assert sim.state.token_requests == 4
-    assert "may have replaced the refresh token" in body["error"]
+    assert "may have replaced the refresh token" in str(body["error"])
     sim.state.token_endpoint = "ok"
     status, _ = await get_me(client, proxy)
     assert status == 200
