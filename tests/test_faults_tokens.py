@@ -137,6 +137,23 @@ async def test_no_free_inode_keeps_the_refreshed_tokens_and_saves_them_at_shutdo
     assert sim.state.refresh(saved.refresh_token or "")  # the saved one is the live one
 
 
+async def test_a_store_that_cannot_even_lock_answers_json_token_store_error(
+    sim: RunningSim, tmpfs: Tmpfs, client: aiohttp.ClientSession
+) -> None:
+    token_file = tmpfs.where / "tokens.json"
+    old = seed_tokens(sim, token_file, expires_in=-10)
+    sim.state.expire_access_token(old.access_token)
+    async with running(make_settings(sim, token_file), oauth_backoff=FAST_BACKOFF) as where:
+        tmpfs.use_up_inodes()  # not even the lock file can be created
+        async with client.get(f"{where.url}/api/v1/me/") as resp:
+            assert resp.status == 500
+            body = await resp.json()
+        assert body["closeproxy_error"] == "token_store_error"
+        assert "tokens.json.lock" in body["error"]
+    assert sim.state.token_requests == 0  # nothing was spent
+    assert stored(token_file) == old
+
+
 async def test_a_read_only_store_mid_run_keeps_the_tokens_and_says_where_things_stand_at_exit(
     sim: RunningSim, tmpfs: Tmpfs, caplog: pytest.LogCaptureFixture
 ) -> None:
