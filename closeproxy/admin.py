@@ -64,7 +64,7 @@ async def admin_status(request: web.Request) -> web.Response:
 async def admin_refresh(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
-        await services.provider.refresh(rejected=None)
+        await services.provider.refresh(force=True)
         return json_response(status(services))
     except ServiceError as exc:
         return service_error_response(exc)

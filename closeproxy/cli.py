@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from . import __version__, terminal_login
@@ -147,6 +150,7 @@ async def _provider(
             margin=settings.refresh_margin,
             api_url=str(settings.api_url),
             log_failures=False,  # the command prints the failure itself, once
+            request_wait=None,  # a command waits for the refresh it started, however slow
         )
         try:
             yield provider
@@ -154,10 +158,53 @@ async def _provider(
             await provider.aclose()
 
 
+def _rescue_unsaved(command: str, settings: Settings, provider: TokenProvider) -> int | None:
+    """After a command: if Close issued tokens the disk refused, put them somewhere safe.
+
+    Their predecessors in the token file are spent, so dropping them would force a new
+    login. They go to a clearly named file (same format, mode 0600) beside the token
+    file, or in a private directory under the system temp dir if that fails too; never to
+    stdout, which scripts capture. Returns the exit status, or None when all was saved.
+    """
+    tokens = provider.unsaved
+    if tokens is None:
+        return None
+    reason = provider.save_error or f"cannot write {settings.token_file}"
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    name = f"{settings.token_file.name}.unsaved-{stamp}-{os.getpid()}"
+    candidates = [
+        settings.token_file.with_name(name),
+        Path(tempfile.gettempdir()) / f"closeproxy-{os.getuid()}" / name,
+    ]
+    for candidate in candidates:
+        try:
+            TokenStore(candidate).save(tokens)
+        except CloseProxyError:
+            continue
+        print(
+            f"closeproxy {command}: Close issued new tokens but they could not be saved "
+            f"({reason}); they are in {candidate} (readable by you only), and the refresh token in "
+            f"{settings.token_file} is already spent: fix the cause, then run "
+            f"`mv {candidate} {settings.token_file}` before any closeproxy refreshes again",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"closeproxy {command}: Close issued new tokens but they could not be saved ({reason}), "
+        f"nor written anywhere else, so they are lost and the refresh token in "
+        f"{settings.token_file} is spent: fix the cause, then run `closeproxy login`",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings) as provider:
-            tokens = await provider.refresh(rejected=None)
+            tokens = await provider.refresh(force=True)
+        rescued = _rescue_unsaved("refresh", settings, provider)
+        if rescued is not None:
+            return rescued
         print(
             f"refreshed: the new access token expires in "
             f"{_format_duration(tokens.expires_in())}; saved to {settings.token_file}"
@@ -271,6 +318,9 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
             ):
                 settings.require_client()  # only a due refresh needs the OAuth client
             tokens = await provider.current(wait_for_refresh=True)
+        rescued = _rescue_unsaved("token", settings, provider)
+        if rescued is not None:
+            return rescued
         print(tokens.access_token)
         return 0
 

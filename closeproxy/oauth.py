@@ -44,6 +44,9 @@ REVOKE_BACKOFF: tuple[float, ...] = (0.5,)
 REVOKE_TIMEOUT = 10.0
 # Retiring the grant a new login replaced: one quick try, never a long wait for the user.
 QUICK_REVOKE_TIMEOUT = 5.0
+# A refresh that reached Close has rotated the refresh token: its reply is the only copy of
+# the new one, so it is waited for much longer than a request (clients get a 503 meanwhile).
+REFRESH_REPLY_TIMEOUT = 300.0
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -136,6 +139,9 @@ class OAuthClient:
         self._client_secret = client_secret
         self._backoff = tuple(backoff)
         self._timeout = aiohttp.ClientTimeout(total=attempt_timeout)
+        self._refresh_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=attempt_timeout, sock_read=REFRESH_REPLY_TIMEOUT
+        )
 
     def __repr__(self) -> str:
         return f"OAuthClient(api_url={str(self.api_url)!r}, client_id={self._client_id!r})"
@@ -150,6 +156,8 @@ class OAuthClient:
             {"grant_type": "refresh_token", "refresh_token": refresh_token},
             what="refresh the access token",
             hint="the stored tokens are kept; try again when Close is reachable",
+            attempt_timeout=self._refresh_timeout,
+            retry_only_unsent=True,
         )
         if reply.status == 200:
             return self._token_body(reply, "refresh")
@@ -236,7 +244,14 @@ class OAuthClient:
         hint: str = "",
         backoff: Sequence[float] | None = None,
         attempt_timeout: aiohttp.ClientTimeout | None = None,
+        retry_only_unsent: bool = False,
     ) -> EndpointReply:
+        """POST with bounded retries.
+
+        `retry_only_unsent`: for requests that must never reach Close twice (a refresh
+        spends its token), only a failure to connect is retried; any later failure may
+        have reached Close, so it ends the attempts and says so.
+        """
         url = self._endpoint(path)
         form = {
             "client_id": self._client_id,
@@ -264,6 +279,13 @@ class OAuthClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = _describe(exc)
                 log.warning("%s attempt %d/%d failed: %s", path, attempt + 1, attempts, reason)
+                if retry_only_unsent and not isinstance(exc, _UNSENT):
+                    raise TokenServiceUnavailable(
+                        f"could not {what}: {url} failed after the request was sent "
+                        f"({reason}), so Close may have replaced the refresh token without "
+                        "the reply reaching closeproxy; the next refresh tells: if it answers "
+                        "login_required, run `closeproxy login`"
+                    ) from None
                 continue
             try:
                 body: Any = json.loads(raw) if raw else None
@@ -288,6 +310,10 @@ class OAuthClient:
             f"could not {what}: {url} failed {attempts} time{'s' if attempts > 1 else ''} "
             f"({reason})" + (f"; {hint}" if hint else "")
         )
+
+
+# Failures that prove the request never left: no connection was made.
+_UNSENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 def _retry_after(value: str) -> float:

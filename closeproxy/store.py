@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -211,7 +212,11 @@ class TokenStore:
         self.ensure_directory()
         data = json.dumps(tokens.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         directory = self.path.parent
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            # No inodes, no quota, no permission, no file descriptors: all a TokenStoreError.
+            fd, tmp_name = tempfile.mkstemp(prefix=self._temp_prefix, suffix=".tmp", dir=directory)
+        except OSError as exc:
+            raise TokenStoreError(self._os_message("write", exc)) from None
         try:
             try:
                 os.fchmod(fd, 0o600)
@@ -230,6 +235,28 @@ class TokenStore:
             raise TokenStoreError(self._os_message("write", exc)) from None
         self._fsync_directory()
         return Fingerprint(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @property
+    def _temp_prefix(self) -> str:
+        return f".{self.path.name}."
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete temp files a crashed save left behind; call only with the lock held.
+
+        Every save runs under the lock, so with the lock held no temp file belongs to a
+        save in progress. They hold refresh tokens, so they must not linger.
+        """
+        removed = 0
+        try:
+            names = os.listdir(self.path.parent)
+        except OSError:
+            return 0
+        for name in names:
+            if name.startswith(self._temp_prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path.parent / name)
+                    removed += 1
+        return removed
 
     def clear(self) -> bool:
         """Delete the token file; True when there was one."""
@@ -265,33 +292,71 @@ class TokenStore:
         holder dies, kill -9 included.
         """
         self.ensure_directory()
+        deadline = time.monotonic() + wait
+        while True:
+            fd = self._open_lock()
+            try:
+                await self._flock(fd, deadline, wait)
+                if self._lock_is_current(fd):
+                    break
+                # The lock file was deleted or replaced while we waited: our lock guards
+                # nothing another process can see. Lock whatever is at the path now.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.remove_stale_temp_files()
+            yield
+        finally:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def _open_lock(self) -> int:
+        try:
+            try:
+                return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # flock needs no write access: an existing lock file still works on a disk
+                # that is full or read-only, so a refresh can go on and keep its tokens.
+                return os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise TokenStoreError(
                 f"cannot open the lock file {self.lock_path}: {exc.strerror}"
             ) from None
-        try:
-            deadline = time.monotonic() + wait
-            delay = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TokenStoreError(
-                            f"another closeproxy process has held {self.lock_path} for over "
-                            f"{wait:g} s: check for a stuck process"
-                        ) from None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+
+    async def _flock(self, fd: int, deadline: float, wait: float) -> None:
+        delay = 0.002
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TokenStoreError(
+                        f"another closeproxy process has held {self.lock_path} for over "
+                        f"{wait:g} s: check for a stuck process"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def _lock_is_current(self, fd: int) -> bool:
+        """True when the locked file is still the one at the lock path (device and inode)."""
+        held = os.fstat(fd)
+        try:
+            at_path = os.stat(self.lock_path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise TokenStoreError(
+                f"cannot check the lock file {self.lock_path}: {exc.strerror}"
+            ) from None
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
     def _os_message(self, verb: str, exc: OSError) -> str:
         return (

@@ -21,6 +21,7 @@ from .errors import (
     LoginRequired,
     ServiceError,
     TokenRequestRejected,
+    TokenServiceUnavailable,
     TokenStoreError,
 )
 from .logs import register_secret
@@ -38,9 +39,26 @@ MIN_VALIDITY = 5.0
 # our client credentials without asking Close again.
 SAVE_RETRY = 5.0
 REFUSAL_COOLDOWN = 10.0
-# `refresh(rejected=ONLY_IF_DUE)` rejects no token: it refreshes only if the tokens are due.
-ONLY_IF_DUE = ""
 DEFAULT_LOGIN_ADVICE = "run `closeproxy login`"
+# How long a client-facing request waits for a refresh; the refresh itself goes on.
+REQUEST_WAIT = 15.0
+
+
+@dataclass(frozen=True)
+class RefreshIntent:
+    """Why new tokens are wanted, which decides what tokens at hand already satisfy.
+
+    force     ask Close for new tokens whatever the ones at hand look like
+    rejected  Close refused this access token: any other, not yet due, will do
+    neither   refresh only if the tokens at hand are due
+    """
+
+    force: bool = False
+    rejected: str | None = None
+
+
+IF_DUE = RefreshIntent()
+FORCE = RefreshIntent(force=True)
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class TokenProvider:
         clock: Callable[[], float] = time.time,
         login_advice: str = DEFAULT_LOGIN_ADVICE,
         log_failures: bool = True,
+        request_wait: float | None = REQUEST_WAIT,
     ) -> None:
         self.store = store
         # What a client that is not logged in is told to do (it depends on where we run).
@@ -96,6 +115,9 @@ class TokenProvider:
         self.api_url = api_url
         self.counters = Counters()
         self._clock = clock
+        self.request_wait = request_wait
+        # Why the disk last refused new tokens; names the file, never a token.
+        self.save_error: str | None = None
         self._tokens: TokenSet | None = None
         self._fingerprint: Fingerprint | None = None
         self._loaded = False
@@ -103,7 +125,7 @@ class TokenProvider:
         # token is already spent. Served from memory; saved before any further refresh.
         self._unsaved: TokenSet | None = None
         self._next_save_attempt = 0.0
-        self._inflight: asyncio.Task[TokenSet] | None = None
+        self._inflight: asyncio.Task[tuple[TokenSet, bool]] | None = None
         self._background_after = 0.0
         # A token Close refused right after a refresh: refreshing again would not help.
         self._hopeless: str | None = None
@@ -117,9 +139,17 @@ class TokenProvider:
 
     def snapshot(self) -> TokenSet | None:
         """The current tokens: one stat of the file, a read only if it changed."""
-        if self._unsaved is not None:
-            return self._unsaved
         fingerprint = self.store.fingerprint()
+        if self._unsaved is not None:
+            if fingerprint == self._fingerprint:
+                return self._unsaved
+            # Another process wrote the file after our save failed (a new login, most
+            # likely): its tokens are newer than ours, which must never overwrite them.
+            log.warning(
+                "token file %s changed on disk; dropping the tokens that could not be saved",
+                self.store.path,
+            )
+            self._unsaved = None
         if not self._loaded or fingerprint != self._fingerprint:
             tokens, fingerprint = self.store.load_with_fingerprint()
             if self._loaded:
@@ -162,7 +192,7 @@ class TokenProvider:
         now = self._clock()
         if now < refresh_due_at(tokens, self.margin):
             if self._unsaved is not None and now >= self._next_save_attempt:
-                self._start_flight(ONLY_IF_DUE)  # try to save them again, in the background
+                self._start_flight(IF_DUE)  # try to save them again, in the background
             return tokens
         if not self._can_refresh(tokens):
             if now < tokens.expires_at:
@@ -174,27 +204,53 @@ class TokenProvider:
                     "access token expires in %.0f s; refreshing in the background",
                     tokens.expires_in(now),
                 )
-                self._start_flight(tokens.access_token)
+                self._start_flight(RefreshIntent(rejected=tokens.access_token))
             return tokens
         return await self.refresh(rejected=tokens.access_token)
 
-    async def refresh(self, rejected: str | None = None) -> TokenSet:
-        """Get tokens newer than `rejected`; None forces a refresh.
+    async def refresh(self, rejected: str | None = None, *, force: bool = False) -> TokenSet:
+        """New tokens for one intent: `force`, `rejected=<access token>`, or neither (if due).
 
-        Every caller shares one refresh task; callers that come after it finished see
-        that the token they hold was already replaced and just take the new one.
+        Every caller shares one refresh task. A caller that joins a refresh started for
+        another intent checks the outcome against its own and, if it falls short (the
+        token it holds came back, or a forced refresh found nothing to do), starts its own.
         """
-        if self._inflight is None:
-            if self._refusal is not None and self._clock() < self._refusal[0]:
-                raise TokenRequestRejected(str(self._refusal[1]))
-            tokens = self.snapshot()
-            if rejected is not None and tokens is not None and self._is_newer(tokens, rejected):
+        intent = RefreshIntent(force=force, rejected=rejected)
+        for _ in range(4):
+            if self._inflight is None:
+                if self._refusal is not None and self._clock() < self._refusal[0]:
+                    raise TokenRequestRejected(str(self._refusal[1]))
+                if not intent.force:
+                    tokens = self.snapshot()
+                    if tokens is not None and self._satisfies(tokens, intent):
+                        return tokens
+                self._start_flight(intent)
+            assert self._inflight is not None
+            tokens, refreshed = await self._wait_for(self._inflight)
+            if refreshed or (not intent.force and self._satisfies(tokens, intent)):
                 return tokens
-            self._start_flight(rejected)
-        assert self._inflight is not None
-        # shield: a client that hangs up must not cancel a refresh others wait for, nor
-        # leave a new refresh token unwritten.
-        return await asyncio.shield(self._inflight)
+        raise TokenServiceUnavailable(
+            "other refreshes kept finishing without the tokens this request needs: try again"
+        )
+
+    async def _wait_for(self, flight: asyncio.Task[tuple[TokenSet, bool]]) -> tuple[TokenSet, bool]:
+        # shield: a client that hangs up or gives up must not cancel a refresh already sent
+        # to Close, which has rotated the refresh token and will answer with the new one.
+        if self.request_wait is None:
+            return await asyncio.shield(flight)
+        try:
+            return await asyncio.wait_for(asyncio.shield(flight), self.request_wait)
+        except TimeoutError:
+            raise TokenServiceUnavailable(
+                f"Close's token endpoint has not answered a token refresh for "
+                f"{self.request_wait:g} s; the refresh is still in progress and its tokens "
+                "will be saved when Close answers: retry in a few seconds"
+            ) from None
+
+    @property
+    def unsaved(self) -> TokenSet | None:
+        """Tokens Close issued that the disk refused, if any; their predecessors are spent."""
+        return self._unsaved
 
     def note_replay_rejected(self, token: str) -> None:
         """Close refused a token we had just refreshed: stop refreshing on its 401s."""
@@ -259,18 +315,33 @@ class TokenProvider:
         """Let a refresh in progress finish writing its tokens."""
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
-        if self._unsaved is not None:
+        if self._unsaved is None:
+            return
+        try:
+            async with self.store.locked(wait=5.0):
+                if self.store.fingerprint() != self._fingerprint:
+                    self._unsaved = None  # a newer login was written meanwhile: keep it
+                    return
+                saved = self._unsaved
+                self._adopt(saved, await asyncio.to_thread(self.store.save, saved))
+                self._unsaved = None
+            log.info("saved the tokens that could not be saved before to %s", self.store.path)
+        except TokenStoreError as exc:
+            self.save_error = str(exc)
             log.error(
-                "the newest tokens could never be saved to %s: the next start will need "
-                "`closeproxy login`",
+                "the newest tokens could still not be saved (%s): they are lost when this "
+                "process exits, and %s holds a refresh token Close has already replaced, so "
+                "the next start needs `closeproxy login`",
+                exc,
                 self.store.path,
             )
 
     # --- the refresh itself ----------------------------------------------------------
 
-    def _is_newer(self, tokens: TokenSet, rejected: str) -> bool:
+    def _satisfies(self, tokens: TokenSet, intent: RefreshIntent) -> bool:
+        """True when `tokens` already meet a non-forced intent."""
         return (
-            tokens.access_token != rejected
+            tokens.access_token != intent.rejected
             and not tokens.refresh_rejected
             and self._clock() < refresh_due_at(tokens, self.margin)
         )
@@ -291,12 +362,12 @@ class TokenProvider:
             "client_secret_file in the config file) and start closeproxy again"
         )
 
-    def _start_flight(self, rejected: str | None) -> None:
+    def _start_flight(self, intent: RefreshIntent) -> None:
         if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._refresh_locked(rejected))
+            self._inflight = asyncio.ensure_future(self._refresh_locked(intent))
             self._inflight.add_done_callback(self._flight_done)
 
-    def _flight_done(self, task: asyncio.Task[TokenSet]) -> None:
+    def _flight_done(self, task: asyncio.Task[tuple[TokenSet, bool]]) -> None:
         self._inflight = None
         if task.cancelled():
             return
@@ -316,7 +387,7 @@ class TokenProvider:
 
     async def _latest_under_lock(self) -> TokenSet | None:
         """The newest tokens, with the lock held: unsaved ones saved first, else the file."""
-        if self._unsaved is not None:
+        if self._unsaved is not None and self.store.fingerprint() == self._fingerprint:
             # Raises while the disk still refuses: refreshing from the file would spend a
             # refresh token Close already rotated away.
             saved = self._unsaved
@@ -324,16 +395,18 @@ class TokenProvider:
             self._unsaved = None
             log.info("saved the tokens that could not be saved before to %s", self.store.path)
             return saved
+        self._unsaved = None  # if set, a newer file replaced it: the file wins
         on_disk, fingerprint = self.store.load_with_fingerprint()
         self._adopt(on_disk, fingerprint)
         return on_disk
 
-    async def _refresh_locked(self, rejected: str | None) -> TokenSet:
+    async def _refresh_locked(self, intent: RefreshIntent) -> tuple[TokenSet, bool]:
+        """The tokens, and whether Close was asked for them."""
         async with self.store.locked():
             # Another process may have refreshed while we waited for the lock.
             tokens = self._usable(await self._latest_under_lock())
-            if rejected is not None and self._is_newer(tokens, rejected):
-                return tokens
+            if not intent.force and self._satisfies(tokens, intent):
+                return tokens, False
             if self.oauth is None or tokens.refresh_token is None:
                 raise self._cannot_refresh_error(tokens)
             sent_at = self._clock()
@@ -352,21 +425,21 @@ class TokenProvider:
             try:
                 fingerprint = await asyncio.to_thread(self.store.save, fresh)
             except TokenStoreError as exc:
+                self.save_error = str(exc)
                 self._unsaved = fresh
                 self._adopt(fresh, self._fingerprint)
                 self._next_save_attempt = self._clock() + SAVE_RETRY
                 log.error(
-                    "Close issued new tokens but they could not be saved (%s); serving them from "
-                    "memory and retrying the save. If this process stops before it succeeds, "
-                    "you will have to run `closeproxy login` again",
+                    "Close issued new tokens but they could not be saved (%s); only this process "
+                    "holds them now, and it retries the save before any further refresh",
                     exc,
                 )
-                return fresh
+                return fresh, True
             self._adopt(fresh, fingerprint)
             log.info(
                 "refreshed the access token; it expires in %.0f s", fresh.expires_in(self._clock())
             )
-            return fresh
+            return fresh, True
 
 
 def _rejected_error() -> LoginRequired:

@@ -166,3 +166,12 @@ async def serve_processes() -> AsyncIterator[list[ServeProcess]]:
     started: list[ServeProcess] = []
     yield started
     await asyncio.gather(*(asyncio.to_thread(server.stop) for server in started))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Show what the chaos test measured, with or without -s."""
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "chaos":
+                    terminalreporter.write_line(f"chaos ({outcome}): {value}")

@@ -482,7 +482,7 @@ async def main():
         while True:
             marks[0] = REFRESHING
             try:
-                await provider.refresh()
+                await provider.refresh(force=True)
             except LoginRequired:
                 print("dead", flush=True)
                 sys.stdin.readline()  # the test logs in again, then lets us go on

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import time
 import urllib.parse
 from collections.abc import Mapping
 
@@ -190,6 +191,18 @@ async def _endpoint_gate(request: web.Request, state: SimState) -> web.Response 
 
 async def token(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    port = int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else 0
+    state.token_requests_in_flight.append(port)
+    try:
+        return await _token(request, state)
+    finally:
+        state.token_requests_in_flight.remove(port)
+        state.token_requests_answered.append((port, time.monotonic()))
+        state.trim(state.token_requests_answered)
+
+
+async def _token(request: web.Request, state: SimState) -> web.Response:
     state.token_requests += 1
     state.log_oauth_headers(request)
     try:

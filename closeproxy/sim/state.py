@@ -157,6 +157,11 @@ class SimState:
         self.rejected_api_requests = 0
         self.api_log: list[RecordedRequest] = []
         self.token_log: list[dict[str, str]] = []
+        # Client ports of token requests received but not answered yet (for chaos tests:
+        # a process killed while one of its ports is here lost a reply).
+        self.token_requests_in_flight: list[int] = []
+        # (client port, monotonic time) of token requests answered, newest last.
+        self.token_requests_answered: list[tuple[int, float]] = []
         self.revoke_log: list[dict[str, str]] = []
         self.rate.reset()
         # Request headers the token and revoke endpoints received, newest last.
@@ -164,21 +169,21 @@ class SimState:
 
     def log_api(self, record: RecordedRequest) -> None:
         self.api_log.append(record)
-        self._trim(self.api_log)
+        self.trim(self.api_log)
 
     def log_token(self, form: dict[str, str]) -> None:
         self.token_log.append(form)
-        self._trim(self.token_log)
+        self.trim(self.token_log)
 
     def log_oauth_headers(self, request: web.Request) -> None:
         self.oauth_headers.append(list(request.headers.items()))
-        self._trim(self.oauth_headers)
+        self.trim(self.oauth_headers)
 
     def log_revoke(self, form: dict[str, str]) -> None:
         self.revoke_log.append(form)
-        self._trim(self.revoke_log)
+        self.trim(self.revoke_log)
 
-    def _trim(self, log: list[Any]) -> None:
+    def trim(self, log: list[Any]) -> None:
         # A benchmark sends far more requests than any test inspects.
         limit = self.config.log_limit
         if limit is not None and len(log) > limit:

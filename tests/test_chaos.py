@@ -1,0 +1,197 @@
+"""Chaos: two `closeproxy serve` processes and a `closeproxy refresh` loop share one token
+file; tokens live 2 s, the token endpoint takes 0.3 s, and random SIGKILLs hit any of them.
+
+The grant must survive every kill except one that lands while the victim has a token
+request in flight (or has just had its reply, which it may not have saved yet): that
+reply is the only copy of the rotated refresh token, so it is lost with the process. When
+that happens every process must say "log in again"; the test then logs in anew and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+from helpers import ServeProcess, cli_env, proxy_env, seed_tokens, start_serve
+
+from closeproxy.sim import RunningSim
+from closeproxy.store import TokenStore
+
+pytestmark = pytest.mark.chaos
+
+CHAOS_SECONDS = 25.0
+LIFETIME = 2.0
+TOKEN_DELAY = 0.3
+# A reply received this recently may still be on its way to the disk.
+SAVE_WINDOW = 0.5
+
+
+def sim_ports(pid: int, sim_port: int) -> set[int]:
+    """Local ports of the process's TCP connections to the simulator (from /proc)."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == sim_port:
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc to see sockets")
+async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_flight(
+    sim: RunningSim, token_file: Path, request: pytest.FixtureRequest
+) -> None:
+    sim.state.config.token_lifetime = LIFETIME
+    sim.state.token_delay = TOKEN_DELAY
+    seed_tokens(sim, token_file, expires_in=LIFETIME)
+    env = proxy_env(sim, token_file, CLOSEPROXY_LOG_LEVEL="warning")
+    sim_port = int(sim.url.rsplit(":", 1)[1])
+    rng = random.Random(os.environ.get("CHAOS_SEED", str(time.time_ns())))
+
+    servers: list[ServeProcess] = list(
+        await asyncio.gather(*(asyncio.to_thread(start_serve, env) for _ in range(2)))
+    )
+    cli: list[asyncio.subprocess.Process | None] = [None]
+    kills: Counter[str] = Counter()
+    in_flight_kills = 0  # since the last login
+    deaths = 0
+    cli_results: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    stop = asyncio.Event()
+    problems: list[str] = []
+
+    async def refresh_loop() -> None:
+        while not stop.is_set():
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "closeproxy",
+                "refresh",
+                env=cli_env(env),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            cli[0] = process
+            _, err = await process.communicate()
+            cli[0] = None
+            if process.returncode == 0:
+                cli_results["ok"] += 1
+            elif process.returncode == -signal.SIGKILL:
+                cli_results["killed"] += 1
+            else:
+                cli_results[f"exit {process.returncode}"] += 1
+                if b"closeproxy login" not in err:
+                    problems.append(f"refresh failed without saying what to do: {err!r}")
+
+    async def traffic(client: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            for server in list(servers):
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with client.get(f"{server.url}/api/v1/me/") as resp:
+                        statuses[resp.status] += 1
+                        if resp.status not in (200, 401, 503):
+                            problems.append(f"{resp.status}: {await resp.text()}")
+            await asyncio.sleep(0.1)
+
+    async def kill_one() -> None:
+        nonlocal in_flight_kills
+        choice = rng.randrange(3)
+        if choice == 2:
+            process = cli[0]
+            if process is None or process.returncode is not None:
+                return
+            pid, kind = process.pid, "refresh"
+        else:
+            pid, kind = servers[choice].process.pid, "serve"
+        ports = sim_ports(pid, sim_port)
+        hit = bool(ports & set(sim.state.token_requests_in_flight))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)  # a request already sent reaches the simulator now
+        now = time.monotonic()
+        hit = (
+            hit
+            or bool(ports & set(sim.state.token_requests_in_flight))
+            or any(
+                p in ports and now - t < SAVE_WINDOW for p, t in sim.state.token_requests_answered
+            )
+        )
+        kills[f"{kind} {'in a refresh' if hit else 'idle'}"] += 1
+        in_flight_kills += hit
+        if choice < 2:
+            old = servers[choice]
+            await asyncio.to_thread(old.process.wait)
+            old.join()
+            servers[choice] = await asyncio.to_thread(start_serve, env)
+
+    async def all_say_log_in_again(client: aiohttp.ClientSession) -> None:
+        for server in servers:
+            async with client.get(f"{server.url}/api/v1/me/") as resp:
+                body = await resp.json()
+                assert resp.status == 401, body
+                assert body["closeproxy_error"] == "login_required"
+                assert "closeproxy login" in body["error"]
+
+    timeout = aiohttp.ClientTimeout(total=20)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            background = [
+                asyncio.create_task(refresh_loop()),
+                asyncio.create_task(traffic(client)),
+            ]
+            deadline = time.monotonic() + CHAOS_SECONDS
+            seen_reuse = 0
+            while time.monotonic() < deadline:
+                await asyncio.sleep(rng.uniform(0.5, 1.5))
+                await kill_one()
+                if sim.state.reuse_detected > seen_reuse:
+                    # The grant died: only a kill inside a refresh may have caused it.
+                    deaths += 1
+                    seen_reuse = sim.state.reuse_detected
+                    assert in_flight_kills > 0, f"grant lost without a kill in a refresh: {kills}"
+                    await asyncio.sleep(0.5)
+                    await all_say_log_in_again(client)
+                    async with TokenStore(token_file).locked():  # log in again
+                        seed_tokens(sim, token_file, expires_in=LIFETIME)
+                    in_flight_kills = 0
+            stop.set()
+            await asyncio.gather(*background)
+            # Quiet now: the grant has to go on living through several token lifetimes.
+            await asyncio.sleep(3 * LIFETIME)
+            if sim.state.reuse_detected > seen_reuse:
+                deaths += 1
+                assert in_flight_kills > 0, f"grant lost without a kill in a refresh: {kills}"
+                await all_say_log_in_again(client)
+            else:
+                for server in servers:
+                    async with client.get(f"{server.url}/api/v1/me/") as resp:
+                        assert resp.status == 200, await resp.text()
+    finally:
+        stop.set()
+        await asyncio.gather(*(asyncio.to_thread(server.stop) for server in servers))
+    summary = (
+        f"kills: {dict(kills)}; grants lost: {deaths}; cli refreshes: {dict(cli_results)}; "
+        f"proxy answers: {dict(statuses)}; sim refreshes: {sim.state.refreshes}"
+    )
+    request.node.user_properties.append(("chaos", summary))
+    print(summary)
+    assert not problems, problems
+    assert sum(kills.values()) >= 5, summary
