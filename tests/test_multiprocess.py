@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from helpers import ServeProcess, cli_env, proxy_env, seed_tokens, start_serve
+from helpers import ServeProcess, cli_env, proxy_env, run_cli_async, seed_tokens, start_serve
 
 from closeproxy.sim import RunningSim
 from closeproxy.store import TokenStore
@@ -91,7 +91,13 @@ async def test_two_servers_and_a_refresh_loop_never_spend_a_refresh_token_twice(
     assert elapsed / LIFETIME >= 4
     assert len(cli_refreshes) >= CLI_REFRESHES
     assert sim.state.refreshes >= len(cli_refreshes) + 2
+    assert await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers)) == [0, 0]
     final = TokenStore(token_file).load()
     assert final is not None and final.refresh_rejected is None
-    assert sim.state.access_token_valid(final.access_token)
-    assert await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers)) == [0, 0]
+    # The grant is alive: the stored refresh token still works (the access token itself may
+    # have run out of its 2 s since the last refresh), and nothing was spent twice.
+    result = await run_cli_async(env, "refresh")
+    assert result.returncode == 0, result.stderr
+    assert sim.state.reuse_detected == 0
+    stored = TokenStore(token_file).load()
+    assert stored is not None and sim.state.access_token_valid(stored.access_token)
