@@ -307,13 +307,34 @@ class TokenStore:
                 raise
             os.close(fd)
         try:
-            self.remove_stale_temp_files()
-            yield
+            # The directory too: a lock file deleted while held would let a newcomer lock a
+            # fresh file at the same path, but the directory cannot vanish under the token
+            # file. Always taken second, so no two processes wait on each other crosswise.
+            dir_fd = self._open_directory_lock()
+            try:
+                if dir_fd is not None:
+                    try:
+                        await self._flock(dir_fd, deadline, wait)
+                    except OSError:  # no flock on directories here: the lock file alone
+                        os.close(dir_fd)
+                        dir_fd = None
+                self.remove_stale_temp_files()
+                yield
+            finally:
+                if dir_fd is not None:
+                    os.close(dir_fd)  # closing drops its flock
         finally:
             try:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
+
+    def _open_directory_lock(self) -> int | None:
+        """The token directory, opened for flock; None where the filesystem cannot."""
+        try:
+            return os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     def _open_lock(self) -> int:
         try:

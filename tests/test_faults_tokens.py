@@ -331,3 +331,16 @@ async def test_a_refresh_for_a_rejected_token_that_joins_another_flight_gets_a_n
     # `joined` starts its own refresh; the forced one joins it, which did ask Close.
     assert sim.state.refreshes == 1
     assert sim.state.reuse_detected == 0
+
+
+async def test_a_lock_file_deleted_while_held_admits_nobody_else(token_file: Path) -> None:
+    """The hostile case: the lock file vanishes while a refresh holds it. A newcomer that
+    creates and locks a fresh file at the path must still wait for the holder."""
+    holder, newcomer = TokenStore(token_file), TokenStore(token_file)
+    async with holder.locked():
+        holder.lock_path.unlink()
+        with pytest.raises(TokenStoreError, match="held"):
+            async with newcomer.locked(wait=0.3):
+                pass
+    async with newcomer.locked(wait=1):
+        pass
