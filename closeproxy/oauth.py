@@ -222,9 +222,16 @@ class OAuthClient:
         try:
             return parse_token_reply(reply.body)
         except ValueError as exc:
+            if what == "refresh":
+                # A 200 means Close accepted the refresh token: it may be spent now.
+                raise TokenServiceUnavailable(
+                    f"Close's token endpoint answered the refresh with an unusable reply "
+                    f"({exc}), so it may already have spent the stored refresh token; the "
+                    "next refresh tells: if it answers login_required, run `closeproxy login`"
+                ) from None
             raise TokenServiceUnavailable(
                 f"Close's token endpoint gave an unusable {what} reply ({exc}); "
-                "the stored tokens are kept, try again later"
+                "nothing was stored, try again later"
             ) from None
 
     def _rejected(self, reply: EndpointReply, what: str) -> TokenRequestRejected:

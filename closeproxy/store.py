@@ -24,7 +24,9 @@ from typing import Any, NamedTuple
 from .errors import TokenStoreError
 
 FILE_VERSION = 1
-LOCK_TIMEOUT = 60.0
+# Longer than a holder may wait for Close to answer a refresh (oauth.REFRESH_REPLY_TIMEOUT):
+# a slow Close is not a stuck process.
+LOCK_TIMEOUT = 330.0
 
 
 @dataclass(frozen=True)
