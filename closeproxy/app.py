@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
+from types import SimpleNamespace
 
 import aiohttp
 from aiohttp import web
@@ -13,13 +15,16 @@ from aiohttp.typedefs import Middleware
 
 from . import admin
 from .config import Settings
+from .dashboard import PageTokens, Recent, RecentRequest
+from .errors import TokenStoreError
 from .guard import Guard, Handler
 from .login import login_advice
-from .logs import REQUEST_ID, register_secret
+from .logs import CURRENT_REQUEST_ID, REQUEST_ID, register_secret
+from .metrics import Metrics, RefreshCounts
 from .oauth import DEFAULT_BACKOFF, OAuthClient
 from .proxy import API_PREFIX, Forwarder
-from .responses import error_response
-from .services import SERVICES, Services
+from .responses import ERROR_CODE, error_response
+from .services import KEY_NAME, SERVICES, WAITED, Services
 from .store import TokenStore
 from .tokens import TokenProvider
 
@@ -32,7 +37,33 @@ UPSTREAM_CONNECTIONS = 256
 UPSTREAM_READ_BUFFER = 256 * 1024
 
 
-def client_session() -> aiohttp.ClientSession:
+# A client that hangs up before its answer is complete (nginx's code for it).
+CLIENT_CLOSED = 499
+
+
+def upstream_timing(metrics: Metrics) -> aiohttp.TraceConfig:
+    """Times each /api/v1/ request to Close up to its response head, from outside proxy.py."""
+
+    async def start(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        ctx.started = time.perf_counter()
+
+    async def end(
+        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        if params.url.raw_path.startswith(API_PREFIX):
+            metrics.upstream(time.perf_counter() - ctx.started)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(start)
+    trace.on_request_end.append(end)
+    return trace
+
+
+def client_session(metrics: Metrics | None = None) -> aiohttp.ClientSession:
     """The one pooled, keep-alive session that carries every upstream request."""
     connector = aiohttp.TCPConnector(
         limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
@@ -46,6 +77,7 @@ def client_session() -> aiohttp.ClientSession:
         read_bufsize=UPSTREAM_READ_BUFFER,
         timeout=aiohttp.ClientTimeout(total=None),
         trust_env=False,
+        trace_configs=[upstream_timing(metrics)] if metrics is not None else None,
     )
 
 
@@ -64,10 +96,38 @@ def oauth_client(
     )
 
 
+def _watch(metrics: Metrics, provider: TokenProvider) -> None:
+    """Refresh outcomes and expiry, read from the provider when Prometheus scrapes."""
+
+    def refreshes() -> RefreshCounts:
+        counts = provider.counters
+        return RefreshCounts(
+            ok=counts.refreshes,
+            rejected=counts.refresh_rejected,
+            failed=counts.refresh_failures - counts.refresh_rejected,
+        )
+
+    def expiry() -> float | None:
+        try:
+            tokens = provider.snapshot()
+        except TokenStoreError:
+            return None
+        if tokens is None or tokens.refresh_rejected:
+            return None
+        return tokens.expires_at
+
+    metrics.watch_provider(refreshes, expiry)
+
+
 async def _services(
-    settings: Settings, backoff: Sequence[float], browser_login: bool, app: web.Application
+    settings: Settings,
+    backoff: Sequence[float],
+    browser_login: bool,
+    metrics: Metrics,
+    recent: Recent,
+    app: web.Application,
 ) -> AsyncIterator[None]:
-    session = client_session()
+    session = client_session(metrics)
     store = TokenStore(settings.token_file)
     provider = TokenProvider(
         store,
@@ -83,7 +143,17 @@ async def _services(
         upstream_timeout=settings.upstream_timeout,
         max_body_size=settings.max_body_size,
     )
-    app[SERVICES] = Services(settings, session, store, provider, forwarder)
+    _watch(metrics, provider)
+    app[SERVICES] = Services(
+        settings,
+        session,
+        store,
+        provider,
+        forwarder,
+        metrics=metrics,
+        recent=recent,
+        page_tokens=PageTokens(),
+    )
     try:
         yield
     finally:
@@ -91,16 +161,57 @@ async def _services(
         await session.close()
 
 
-def _front_middleware(guard: Guard) -> Middleware:
+def _front_middleware(guard: Guard, metrics: Metrics, recent: Recent) -> Middleware:
     ids = itertools.count(1)
     prefix = f"{os.getpid():x}"
+    clock = time.perf_counter
 
     @web.middleware
     async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[REQUEST_ID] = f"{prefix}-{next(ids)}"
-        refusal = guard.check(request)
-        if refusal is not None:
-            return refusal
+        request_id = f"{prefix}-{next(ids)}"
+        request[REQUEST_ID] = request_id
+        # Every log line written while this request is handled carries its id.
+        context = CURRENT_REQUEST_ID.set(request_id)
+        try:
+            response = guard.check(request)
+            if response is None:
+                if request.raw_path.startswith(API_PREFIX):
+                    response = await proxied(request, handler)
+                else:
+                    response = await routed(request, handler)
+            code = response.get(ERROR_CODE)
+            if code is not None:
+                metrics.error(code)
+            return response
+        finally:
+            CURRENT_REQUEST_ID.reset(context)
+
+    async def proxied(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A forwarded request: counted, timed and kept for the dashboard's table."""
+        started = clock()
+        status = CLIENT_CLOSED
+        metrics.in_flight.inc()
+        try:
+            response = await routed(request, handler)
+            status = response.status
+            return response
+        finally:
+            metrics.in_flight.dec()
+            elapsed = clock() - started
+            metrics.request_done(request.method, status, elapsed)
+            recent.add(
+                RecentRequest(
+                    at=time.time(),
+                    method=request.method,
+                    path=request.raw_path.partition("?")[0],
+                    status=status,
+                    duration=elapsed,
+                    waited=request.get(WAITED, 0.0),
+                    key=request.get(KEY_NAME),
+                )
+            )
+
+    async def routed(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPMethodNotAllowed as exc:
@@ -112,8 +223,9 @@ def _front_middleware(guard: Guard) -> Middleware:
             return error_response(
                 404,
                 "not_proxied",
-                f"only {API_PREFIX} is forwarded to Close; admin routes are /healthz and "
-                "/admin/status, /admin/refresh, /admin/revoke, /admin/login",
+                f"only {API_PREFIX} is forwarded to Close; admin routes are /healthz, "
+                "/metrics, /admin/ (the dashboard), /admin/status, /admin/refresh, "
+                "/admin/revoke, /admin/login",
             )
 
     return front
@@ -136,8 +248,11 @@ def create_app(
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
     guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
-    app = web.Application(middlewares=[_front_middleware(guard)])
-    app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff), browser_login))
+    metrics, recent = Metrics(), Recent()
+    app = web.Application(middlewares=[_front_middleware(guard, metrics, recent)])
+    app.cleanup_ctx.append(
+        partial(_services, settings, tuple(oauth_backoff), browser_login, metrics, recent)
+    )
     admin.add_routes(app)
     app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward)
     return app
