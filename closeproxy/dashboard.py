@@ -89,7 +89,8 @@ _SCRIPT: Final = (
 _SCRIPT_HASH: Final = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
 PAGE_HEADERS: dict[str, str] = {
     "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it Chromium sends `Origin: null` on the buttons' posts.
+    "Referrer-Policy": "same-origin",
     "Content-Security-Policy": (
         f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{_SCRIPT_HASH}'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
