@@ -152,6 +152,13 @@ def _duration(seconds: float | int | None) -> str:
     return (f"{hours}h " if hours else "") + f"{minutes}m {secs}s"
 
 
+def _when(iso: object) -> str:
+    """An ISO UTC timestamp from the document, as people read it."""
+    if not isinstance(iso, str) or not iso:
+        return "—"
+    return iso.replace("T", " ").removesuffix("+00:00")
+
+
 def _clock(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S")
 
@@ -250,8 +257,8 @@ def render(
             id="expires-in",
             **({"data_expires_in": str(int(expires_in))} if expires_in is not None else {}),
         ),
-        _card("expires at (UTC)", _e(doc.get("expires_at") or "—"), id="expires-at"),
-        _card("last refresh (UTC)", _e(doc.get("last_refresh") or "—"), id="last-refresh"),
+        _card("expires at (UTC)", _e(_when(doc.get("expires_at"))), id="expires-at"),
+        _card("last refresh (UTC)", _e(_when(doc.get("last_refresh"))), id="last-refresh"),
         _card("scope", _e(doc.get("scope") or "—")),
     ]
     notice_html = f'<p class="notice" id="notice">{_e(notice)}</p>' if notice else ""
@@ -261,7 +268,8 @@ def render(
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>closeproxy dashboard</title><style>{_STYLE}</style></head>
 <body><main>
-<header><h1>closeproxy</h1><span>{_e(doc.get("api_url") or "")}</span></header>
+<header><h1>closeproxy</h1><span>forwarding to {_e(doc.get("api_url") or "Close")}</span>
+</header>
 <div class="banner {kind}" id="banner">{_e(headline)}<small>{_e(detail)}</small></div>
 {notice_html}
 <div class="actions">
