@@ -190,13 +190,13 @@ def _front_middleware(guard: Guard, metrics: Metrics, recent: Recent) -> Middlew
         """A forwarded request: counted, timed and kept for the dashboard's table."""
         started = clock()
         status = CLIENT_CLOSED
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             response = await routed(request, handler)
             status = response.status
             return response
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             elapsed = clock() - started
             metrics.request_done(request.method, status, elapsed)
             recent.add(

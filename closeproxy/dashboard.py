@@ -14,10 +14,9 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 RECENT_SIZE: Final = 100
 RELOAD_SECONDS: Final = 5
@@ -28,8 +27,7 @@ PAGE_TOKENS_KEPT: Final = 1024
 _PATH_SHOWN: Final = 200
 
 
-@dataclass(frozen=True)
-class RecentRequest:
+class RecentRequest(NamedTuple):
     """One proxied request as the table shows it: the path without its query."""
 
     at: float

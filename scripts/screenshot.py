@@ -73,7 +73,9 @@ async def main(out: Path) -> None:
             token_file = Path(tmp) / "tokens.json"
             now = time.time()
             reply = sim.state.issue_tokens()
-            TokenStore(token_file).save(TokenSet.from_reply(reply, received_at=now, api_url=sim.url))
+            TokenStore(token_file).save(
+                TokenSet.from_reply(reply, received_at=now, api_url=sim.url)
+            )
             settings = Settings(
                 client_id=sim_config.client_id,
                 client_secret=Secret(sim_config.client_secret),
@@ -91,7 +93,6 @@ async def main(out: Path) -> None:
                     async with client.request(method, where.url + path, json=body) as resp:
                         await resp.read()
                 await asyncio.to_thread(shoot, f"{where.url}/admin/", out, Path(tmp) / "profile")
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
@@ -100,5 +101,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         asyncio.run(main(args.out))
+        print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     except KeyboardInterrupt:
         sys.exit(130)

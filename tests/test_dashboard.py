@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 from helpers import Proxy, ProxyFactory, seed_tokens
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from test_browser import browser, current_url, network_log, open_page, wait_for  # noqa: F401
@@ -158,12 +159,31 @@ async def test_curl_posts_need_no_page_token(
 # --- in a real browser ------------------------------------------------------------------
 
 
-def _element_text(driver: WebDriver, element_id: str) -> str:
-    return str(driver.find_element(By.ID, element_id).text)
+# Read in one script call: the page reloads itself, so an element found in one call may be
+# gone by the next.
+_TEXT_OF = "const e = document.getElementById(arguments[0]); return e ? e.innerText : null;"
+
+
+def _element_text(driver: WebDriver, element_id: str) -> str | None:
+    text = driver.execute_script(_TEXT_OF, element_id)
+    return None if text is None else str(text).strip()
 
 
 async def text_of(driver: WebDriver, element_id: str) -> str:
-    return await asyncio.to_thread(_element_text, driver, element_id)
+    text = await asyncio.to_thread(_element_text, driver, element_id)
+    assert text is not None, f"no #{element_id} on the page"
+    return text
+
+
+def _press(driver: WebDriver, element_id: str) -> None:
+    """A real click; found again if a reload replaced the button in between."""
+    for _ in range(3):
+        try:
+            driver.find_element(By.ID, element_id).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"#{element_id} kept going stale")
 
 
 async def test_the_dashboard_in_chromium(
@@ -190,7 +210,7 @@ async def test_the_dashboard_in_chromium(
         assert await text_of(browser, "user") == config.user_id
         assert "Logged in to Close" in await text_of(browser, "banner")
         recent = await text_of(browser, "recent")
-        assert "GET /api/v1/lead/ 200" in recent
+        assert "\tGET\t/api/v1/lead/\t200\t" in recent, recent
         assert "secret-query-value" not in recent
         # The script counts down; without it the server-rendered value is still there.
         assert re.fullmatch(r"1[45]m \d+s", await text_of(browser, "expires-in"))
@@ -198,10 +218,10 @@ async def test_the_dashboard_in_chromium(
 
         # Press Refresh: a form post with the page token, answered by a redirect back.
         started = time.time()
-        await asyncio.to_thread(lambda: browser.find_element(By.ID, "refresh").click())
+        await asyncio.to_thread(_press, browser, "refresh")
         await wait_for(
             browser,
-            lambda d: "refreshed" in d.find_element(By.TAG_NAME, "body").text,
+            lambda d: "refreshed" in (_element_text(d, "notice") or ""),
             "the page after Refresh",
         )
         assert await current_url(browser) == f"{proxy.url}/admin/"
