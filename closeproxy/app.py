@@ -179,35 +179,40 @@ def _front_middleware(guard: Guard, metrics: Metrics, recent: Recent) -> Middlew
                     response = await proxied(request, handler)
                 else:
                     response = await routed(request, handler)
-            code = response.get(ERROR_CODE)
-            if code is not None:
+            # Only the proxy's own errors carry a code; a 2xx/3xx never looks it up.
+            if response.status >= 400 and (code := response.get(ERROR_CODE)) is not None:
                 metrics.error(code)
             return response
         finally:
             CURRENT_REQUEST_ID.reset(context)
 
     async def proxied(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """A forwarded request: counted, timed and kept for the dashboard's table."""
+        """A forwarded request: counted, timed and kept for the dashboard's table.
+
+        The router sends every /api/v1/ target to the forwarder (any method), so no
+        404/405 translation is needed here.
+        """
         started = clock()
         status = CLIENT_CLOSED
         metrics.in_flight += 1
         try:
-            response = await routed(request, handler)
+            response = await handler(request)
             status = response.status
             return response
         finally:
             metrics.in_flight -= 1
             elapsed = clock() - started
-            metrics.request_done(request.method, status, elapsed)
+            method = request.method
+            metrics.request_done(method, status, elapsed)
             recent.add(
                 RecentRequest(
-                    at=time.time(),
-                    method=request.method,
-                    path=request.raw_path.partition("?")[0],
-                    status=status,
-                    duration=elapsed,
-                    waited=request.get(WAITED, 0.0),
-                    key=request.get(KEY_NAME),
+                    time.time(),
+                    method,
+                    request.raw_path.partition("?")[0],
+                    status,
+                    elapsed,
+                    request.get(WAITED, 0.0),
+                    request.get(KEY_NAME),
                 )
             )
 

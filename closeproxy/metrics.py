@@ -7,12 +7,18 @@ What the token provider already counts is read at scrape time, not on the reques
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,45 +83,90 @@ class _ProviderCollector(Collector):
         yield expiry
 
 
+class _Histogram:
+    """Bucket counts kept as plain ints: one bisect and two additions per observation."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+class _RequestCollector(Collector):
+    """The per-request figures, turned into metric families only when Prometheus scrapes.
+
+    The request path only adds to ints in the event loop's thread: no lock, no label
+    lookup, nothing prometheus_client would do per call.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "closeproxy_requests",
+            "Proxied /api/v1/ requests, by method and response status.",
+            labels=["method", "status"],
+        )
+        for (method, status), count in sorted(m.request_counts.items()):
+            requests.add_metric([method, str(status)], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "closeproxy_request_duration_seconds",
+            "Time from a proxied request's arrival to the end of its response, by method.",
+            labels=["method"],
+        )
+        for method, histogram in sorted(m.durations.items()):
+            duration.add_metric([method], histogram.buckets(), histogram.total)
+        yield duration
+        upstream = HistogramMetricFamily(
+            "closeproxy_upstream_duration_seconds",
+            "Time from sending a request to Close to its response head.",
+        )
+        upstream.add_metric([], m.upstream_durations.buckets(), m.upstream_durations.total)
+        yield upstream
+        yield GaugeMetricFamily(
+            "closeproxy_requests_in_flight",
+            "Proxied /api/v1/ requests being served now.",
+            value=m.in_flight,
+        )
+        errors = CounterMetricFamily(
+            "closeproxy_errors",
+            "Errors the proxy answered itself, by closeproxy_error code.",
+            labels=["code"],
+        )
+        for code, count in sorted(m.error_counts.items()):
+            errors.add_metric([code], count)
+        yield errors
+
+
 class Metrics:
     """The metric objects of one proxy, registered in its own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter(
-            "closeproxy_requests",
-            "Proxied /api/v1/ requests, by method and response status.",
-            ["method", "status"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "closeproxy_request_duration_seconds",
-            "Time from a proxied request's arrival to the end of its response, by method.",
-            ["method"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.upstream_duration = Histogram(
-            "closeproxy_upstream_duration_seconds",
-            "Time from sending a request to Close to its response head.",
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        # A plain int the request path bumps, read by the gauge at scrape time: cheaper
-        # than the gauge's lock twice a request.
         self.in_flight = 0
-        Gauge(
-            "closeproxy_requests_in_flight",
-            "Proxied /api/v1/ requests being served now.",
-            registry=registry,
-        ).set_function(lambda: self.in_flight)
-        self.errors = Counter(
-            "closeproxy_errors",
-            "Errors the proxy answered itself, by closeproxy_error code.",
-            ["code"],
-            registry=registry,
-        )
+        self.request_counts: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.upstream_durations = _Histogram()
+        self.error_counts: dict[str, int] = {}
+        registry.register(_RequestCollector(self))
+        # Not on every request's path: prometheus_client's own objects are cheap enough.
         self.rate_limit_waits = Counter(
             "closeproxy_rate_limit_waits",
             "Times a request waited for Close's rate limit, by endpoint group.",
@@ -134,10 +185,6 @@ class Metrics:
             ["group"],
             registry=registry,
         )
-        # Children cached by label values: labels() costs more than the increment itself.
-        self._request_children: dict[tuple[str, int], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
-        self._error_children: dict[str, Counter] = {}
 
     def watch_provider(
         self,
@@ -149,31 +196,22 @@ class Metrics:
 
     def request_done(self, method: str, status: int, seconds: float) -> None:
         """One proxied request answered; `method` is folded into METHODS or "other"."""
+        if method not in METHODS:
+            method = OTHER
         key = (method, status)
-        child = self._request_children.get(key)
-        if child is None:
-            label = method if method in METHODS else OTHER
-            child = self.requests.labels(label, str(status))
-            if method in METHODS:  # never let odd methods grow the cache
-                self._request_children[key] = child
-        child.inc()
-        duration = self._duration_children.get(method)
-        if duration is None:
-            label = method if method in METHODS else OTHER
-            duration = self.request_duration.labels(label)
-            if method in METHODS:
-                self._duration_children[method] = duration
-        duration.observe(seconds)
+        counts = self.request_counts
+        counts[key] = counts.get(key, 0) + 1
+        histogram = self.durations.get(method)
+        if histogram is None:
+            histogram = self.durations[method] = _Histogram()
+        histogram.observe(seconds)
 
     def error(self, code: str) -> None:
         """The proxy answered with this closeproxy_error code (a fixed set in the code)."""
-        child = self._error_children.get(code)
-        if child is None:
-            child = self._error_children[code] = self.errors.labels(code)
-        child.inc()
+        self.error_counts[code] = self.error_counts.get(code, 0) + 1
 
     def upstream(self, seconds: float) -> None:
-        self.upstream_duration.observe(seconds)
+        self.upstream_durations.observe(seconds)
 
     def rate_limit_wait(self, group: str, seconds: float) -> None:
         """A request waited `seconds` for the rate limit of a bounded endpoint group (§9)."""
