@@ -6,13 +6,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
 from yarl import URL
 
-from . import __version__
+from . import __version__, dashboard
 from .errors import CloseProxyError, ConfigError, ServiceError
 from .guard import CALLBACK_PATH
 from .login import (
@@ -25,7 +26,8 @@ from .login import (
     start_login,
     success_page,
 )
-from .responses import json_response, service_error_response
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .responses import error_response, json_response, service_error_response
 from .services import SERVICES, Services
 from .tokens import status_document
 
@@ -36,7 +38,14 @@ ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 def status(services: Services) -> dict[str, Any]:
     """`closeproxy status --json` plus what this process has counted."""
-    doc = status_document(services.provider.snapshot(), services.store)
+    tokens = services.provider.snapshot()
+    doc = status_document(tokens, services.store)
+    if tokens is not None:
+        doc["last_refresh"] = datetime.fromtimestamp(tokens.obtained_at, UTC).isoformat(
+            timespec="seconds"
+        )
+    if services.provider.last_refresh_error is not None:
+        doc["last_refresh_error"] = services.provider.last_refresh_error
     if services.upstream_route is not None:
         doc["upstream_proxy"] = services.upstream_route.document()
     doc["counters"] = {
@@ -61,21 +70,98 @@ async def admin_status(request: web.Request) -> web.Response:
         return service_error_response(exc)
 
 
-async def admin_refresh(request: web.Request) -> web.Response:
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICES].metrics.exposition()
+    return web.Response(
+        body=body,
+        headers={"Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"},
+    )
+
+
+async def admin_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
-        await services.provider.refresh(force=True)
-        return json_response(status(services))
+        doc = status(services)
     except ServiceError as exc:
+        doc = {"logged_in": False, "problem": str(exc), "version": __version__}
+    page = dashboard.render(
+        doc,
+        services.recent.newest_first(),
+        page_token=services.page_tokens.issue(),
+        notice=services.notice,
+    )
+    return web.Response(text=page, content_type="text/html", headers=dashboard.PAGE_HEADERS)
+
+
+async def admin_redirect(request: web.Request) -> web.Response:
+    return web.Response(status=308, headers={"Location": "/admin/"})
+
+
+def from_browser(request: web.Request) -> bool:
+    """Browsers say where a request comes from; curl and scripts send neither header."""
+    return "Origin" in request.headers or "Sec-Fetch-Site" in request.headers
+
+
+async def _page_token_refusal(request: web.Request) -> web.Response | None:
+    """None when this browser POST carries a token of a page this proxy served."""
+    form = await request.post() if request.content_type in _FORM_TYPES else None
+    presented = form.get(dashboard.PAGE_TOKEN_FIELD) if form is not None else None
+    if isinstance(presented, str) and request.app[SERVICES].page_tokens.valid(presented):
+        return None
+    return error_response(
+        403,
+        "forbidden_origin",
+        "a browser may press Refresh and Revoke only on this proxy's own /admin/ page: "
+        "reload /admin/ and press the button there",
+    )
+
+
+_FORM_TYPES: frozenset[str] = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data"}
+)
+
+
+def _back_to_page(services: Services, notice: str) -> web.Response:
+    services.notice = f"{datetime.now(UTC).strftime('%H:%M:%S')} UTC: {notice}"
+    # 303: the browser follows with a GET, so reloading the page never re-posts.
+    return web.Response(status=303, headers={"Location": "/admin/", "Cache-Control": "no-store"})
+
+
+async def admin_refresh(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    page = from_browser(request)
+    if page and (refusal := await _page_token_refusal(request)) is not None:
+        return refusal
+    try:
+        await services.provider.refresh(force=True)
+    except ServiceError as exc:
+        if page:
+            return _back_to_page(services, f"refresh failed: {exc}")
         return service_error_response(exc)
+    if page:
+        return _back_to_page(services, "the access token was refreshed")
+    return json_response(status(services))
 
 
 async def admin_revoke(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    page = from_browser(request)
+    if page and (refusal := await _page_token_refusal(request)) is not None:
+        return refusal
     try:
         outcome = await services.provider.revoke()
     except ServiceError as exc:
+        if page:
+            return _back_to_page(services, f"revoke failed: {exc}")
         return service_error_response(exc)
+    if page:
+        if not outcome.had_grant:
+            said = "not logged in: there was nothing to revoke"
+        elif outcome.problem:
+            said = outcome.problem
+        else:
+            said = "revoked at Close and wiped the local tokens"
+        return _back_to_page(services, said)
     body: dict[str, Any] = {"revoked": outcome.revoked_at_close, "wiped": outcome.wiped}
     if not outcome.had_grant:
         body["message"] = "not logged in: there was nothing to revoke"
@@ -148,6 +234,9 @@ def add_routes(app: web.Application, *, expect_handler: ExpectHandler) -> None:
     """The admin routes; `expect_handler` checks an `Expect: 100-continue` request first."""
     router = app.router
     router.add_get("/healthz", healthz, expect_handler=expect_handler)
+    router.add_get("/metrics", metrics, expect_handler=expect_handler)
+    router.add_get("/admin/", admin_page, expect_handler=expect_handler)
+    router.add_get("/admin", admin_redirect, expect_handler=expect_handler)
     router.add_get("/admin/status", admin_status, expect_handler=expect_handler)
     router.add_post("/admin/refresh", admin_refresh, expect_handler=expect_handler)
     router.add_post("/admin/revoke", admin_revoke, expect_handler=expect_handler)

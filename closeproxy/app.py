@@ -5,22 +5,28 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
+from types import SimpleNamespace
 
 import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin
 from .config import Settings
+from .dashboard import PageTokens, Recent, RecentRequest
+from .errors import TokenStoreError
 from .guard import Guard, Handler
 from .login import login_advice
-from .logs import REQUEST_ID, register_secret
+from .logs import CURRENT_REQUEST_ID, REQUEST_ID, register_secret
+from .metrics import Metrics, RefreshCounts
 from .oauth import DEFAULT_BACKOFF, OAuthClient
 from .pacing import ClientLimits
 from .proxy import API_PREFIX, Forwarder
-from .responses import error_response
-from .services import SERVICES, Services
+from .ratelimit import WAITED
+from .responses import ERROR_CODE, error_response
+from .services import KEY_NAME, SERVICES, Services
 from .store import TokenStore
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute
@@ -38,8 +44,36 @@ OTHER_PATHS = r"/{tail:(?!admin/|healthz$|api/v1/).*}"
 TOKEN_CONNECTIONS = 8
 
 
+# A client that hangs up before its answer is complete (nginx's code for it).
+CLIENT_CLOSED = 499
+
+
+def upstream_timing(metrics: Metrics) -> aiohttp.TraceConfig:
+    """Times each /api/v1/ request to Close up to its response head, from outside proxy.py."""
+
+    async def start(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        ctx.started = time.perf_counter()
+
+    async def end(
+        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        if params.url.raw_path.startswith(API_PREFIX):
+            metrics.upstream(time.perf_counter() - ctx.started)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(start)
+    trace.on_request_end.append(end)
+    return trace
+
+
 def client_session(
-    route: UpstreamRoute | None = None, connections: int = 256
+    route: UpstreamRoute | None = None,
+    connections: int = 256,
+    metrics: Metrics | None = None,
 ) -> aiohttp.ClientSession:
     """The one pooled, keep-alive session that carries every upstream request.
 
@@ -61,6 +95,7 @@ def client_session(
         timeout=aiohttp.ClientTimeout(total=None),
         trust_env=False,
         proxy=route.session_proxy() if route is not None else None,
+        trace_configs=[upstream_timing(metrics)] if metrics is not None else None,
     )
 
 
@@ -79,12 +114,40 @@ def oauth_client(
     )
 
 
+def _watch(metrics: Metrics, provider: TokenProvider) -> None:
+    """Refresh outcomes and expiry, read from the provider when Prometheus scrapes."""
+
+    def refreshes() -> RefreshCounts:
+        counts = provider.counters
+        return RefreshCounts(
+            ok=counts.refreshes,
+            rejected=counts.refresh_rejected,
+            failed=counts.refresh_failures - counts.refresh_rejected,
+        )
+
+    def expiry() -> float | None:
+        try:
+            tokens = provider.snapshot()
+        except TokenStoreError:
+            return None
+        if tokens is None or tokens.refresh_rejected:
+            return None
+        return tokens.expires_at
+
+    metrics.watch_provider(refreshes, expiry)
+
+
 async def _services(
-    settings: Settings, backoff: Sequence[float], browser_login: bool, app: web.Application
+    settings: Settings,
+    backoff: Sequence[float],
+    browser_login: bool,
+    metrics: Metrics,
+    recent: Recent,
+    app: web.Application,
 ) -> AsyncIterator[None]:
     route = settings.upstream_route()
     log.info("connections to Close at %s go %s", settings.api_url, route.label)
-    session = client_session(route, settings.upstream_connections)
+    session = client_session(route, settings.upstream_connections, metrics)
     store = TokenStore(settings.token_file)
     provider = TokenProvider(
         store,
@@ -105,7 +168,20 @@ async def _services(
         pool_timeout=settings.pool_timeout,
         rate_limit_wait=settings.rate_limit_wait,
     )
-    app[SERVICES] = Services(settings, session, store, provider, forwarder, upstream_route=route)
+    _watch(metrics, provider)
+    forwarder.rate_limits.on_wait = metrics.rate_limit_wait
+    forwarder.rate_limits.on_remaining = metrics.rate_limit_remaining
+    app[SERVICES] = Services(
+        settings,
+        session,
+        store,
+        provider,
+        forwarder,
+        upstream_route=route,
+        metrics=metrics,
+        recent=recent,
+        page_tokens=PageTokens(),
+    )
     try:
         yield
     finally:
@@ -123,8 +199,10 @@ class Front:
     aiohttp answers `Expect: 100-continue` before any middleware runs, so the same
     checks run in `expect` too: a refused client learns it before it uploads."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, metrics: Metrics, recent: Recent) -> None:
         self._guard = guard
+        self._metrics = metrics
+        self._recent = recent
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
 
@@ -159,9 +237,54 @@ class Front:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self._tag(request)
-        refusal = self._guard.check(request)
-        if refusal is not None:
-            return refusal
+        # Every log line written while this request is handled carries its id.
+        context = CURRENT_REQUEST_ID.set(request[REQUEST_ID])
+        try:
+            response = self._guard.check(request)
+            if response is None:
+                if request.raw_path.startswith(API_PREFIX):
+                    response = await self._proxied(request, handler)
+                else:
+                    response = await self._routed(request, handler)
+            # Only the proxy's own errors carry a code; a 2xx/3xx never looks it up.
+            if response.status >= 400 and (code := response.get(ERROR_CODE)) is not None:
+                self._metrics.error(code)
+            return response
+        finally:
+            CURRENT_REQUEST_ID.reset(context)
+
+    async def _proxied(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A forwarded request: counted, timed and kept for the dashboard's table.
+
+        The router sends every /api/v1/ target to the forwarder (any method), so no
+        404/405 translation is needed here.
+        """
+        metrics = self._metrics
+        started = time.perf_counter()
+        status = CLIENT_CLOSED
+        metrics.in_flight += 1
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            metrics.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            method = request.method
+            metrics.request_done(method, status, elapsed)
+            self._recent.add(
+                RecentRequest(
+                    time.time(),
+                    method,
+                    request.raw_path.partition("?")[0],
+                    status,
+                    elapsed,
+                    request.get(WAITED, 0.0),
+                    request.get(KEY_NAME),
+                )
+            )
+
+    async def _routed(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPMethodNotAllowed as exc:
@@ -173,8 +296,9 @@ class Front:
             return error_response(
                 404,
                 "not_proxied",
-                f"only {API_PREFIX} is forwarded to Close; admin routes are /healthz and "
-                "/admin/status, /admin/refresh, /admin/revoke, /admin/login",
+                f"only {API_PREFIX} is forwarded to Close; admin routes are /healthz, "
+                "/metrics, /admin/ (the dashboard), /admin/status, /admin/refresh, "
+                "/admin/revoke, /admin/login",
             )
 
 
@@ -199,9 +323,12 @@ def create_app(
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
     guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
-    front = Front(guard)
+    metrics, recent = Metrics(), Recent()
+    front = Front(guard, metrics, recent)
     app = web.Application(middlewares=[front.middleware])
-    app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff), browser_login))
+    app.cleanup_ctx.append(
+        partial(_services, settings, tuple(oauth_backoff), browser_login, metrics, recent)
+    )
     admin.add_routes(app, expect_handler=front.expect)
     app.router.add_route("*", API_PREFIX + "{tail:.*}", _forward, expect_handler=front.expect)
     # Everything else is 404, but through a route, so that Expect is checked there too

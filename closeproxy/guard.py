@@ -28,6 +28,7 @@ REFUSED_METHODS: frozenset[str] = frozenset({"CONNECT", "TRACE", "TRACK"})
 CALLBACK_PATH = "/admin/callback"
 KEYLESS_PATHS: frozenset[str] = frozenset({"/healthz", CALLBACK_PATH})
 CROSS_SITE: frozenset[str] = frozenset({"cross-site", "same-site"})
+DEFAULT_PORTS: dict[str, str] = {"http": "80", "https": "443"}
 # Paths: visible ASCII without backslash, and every % starts a valid escape. Queries
 # reach Close as sent (a literal `50%` included), so they only need to be visible ASCII.
 _PATH_OK = re.compile(r"(?:[!-$&-\[\]-~]|%[0-9A-Fa-f]{2})*")
@@ -157,15 +158,29 @@ class Guard:
 
     def _cross_site(self, request: web.Request) -> bool:
         headers = request.headers
-        if headers.get("Sec-Fetch-Site", "").strip().lower() in CROSS_SITE:
+        site = headers.get("Sec-Fetch-Site", "").strip().lower()
+        if site in CROSS_SITE:
             return True
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             return True
         origins = headers.getall("Origin", ())
-        if not origins:
+        if len(origins) > 1:
+            return True
+        if not origins or site == "same-origin":
             return False
-        own = f"http://{headers.get('Host', '')}".lower()
-        return len(origins) > 1 or origins[0].strip().lower() != own
+        return not self._same_origin(origins[0], request)
+
+    def _same_origin(self, origin: str, request: web.Request) -> bool:
+        """SPEC §11: an Origin whose host is allowed and whose port is the proxy's own."""
+        scheme, sep, rest = origin.strip().lower().partition("://")
+        if not sep or scheme != request.scheme:
+            return False
+        theirs = _HOST_RE.fullmatch(rest)
+        ours = _HOST_RE.fullmatch(request.headers.get("Host", "").strip().lower())
+        if theirs is None or ours is None or theirs.group("name") not in self.allowed_hosts:
+            return False
+        default = DEFAULT_PORTS.get(scheme)
+        return (theirs.group("port") or default) == (ours.group("port") or default)
 
     def _key_ok(self, request: web.Request) -> bool:
         assert self._key is not None

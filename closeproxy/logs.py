@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 from collections import deque
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -25,6 +26,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "[secure]"
 REQUEST_ID = web.RequestKey("request_id", str)
+# The id of the request being handled; tasks started meanwhile (a refresh) inherit it.
+CURRENT_REQUEST_ID: ContextVar[str | None] = ContextVar("closeproxy_request_id", default=None)
 _MAX_SECRETS = 64
 # Rotating tokens: the newest few. Long-lived secrets (client secret, proxy key) are
 # kept apart so that no number of refreshes can push them out.
@@ -69,12 +72,23 @@ def redact(text: str) -> str:
     return _SHAPES.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
 
 
+def add_request_id(record: logging.LogRecord) -> bool:
+    """Filter: give a record emitted while a request is handled that request's id."""
+    if getattr(record, "request_id", None) is None:
+        record.request_id = CURRENT_REQUEST_ID.get()
+    return True
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            line += f" rid={request_id}"
+        return redact(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -124,7 +138,10 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(logging.handlers.QueueHandler(records))
+    handler = logging.handlers.QueueHandler(records)
+    # Here, not in the writer thread: the request's context is only visible where it logs.
+    handler.addFilter(add_request_id)
+    root.addHandler(handler)
     numeric = getattr(logging, level.upper())
     logging.getLogger("closeproxy").setLevel(numeric)
     # aiohttp's own chatter is only interesting when debugging; its errors always are.
@@ -154,14 +171,13 @@ class AccessLogger(AbstractAccessLogger):
             # The login callback's query is a one-time code and its state: not for any log.
             path = path.partition("?")[0] + "?" + REDACTED
         self.logger.info(
-            '%s "%s %s" %d %d %.1fms rid=%s',
+            '%s "%s %s" %d %d %.1fms',
             request.remote,
             request.method,
             path,
             response.status,
             response.body_length,
             time * 1000,
-            request.get(REQUEST_ID, "-"),
             extra={
                 "request_id": request.get(REQUEST_ID),
                 "method": request.method,

@@ -23,7 +23,7 @@ from yarl import URL
 
 from .errors import ServiceError
 from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
-from .ratelimit import WAIT_HEADER, BadWaitHeader, ClientGone, RateLimits, Wait
+from .ratelimit import WAIT_HEADER, WAITED, BadWaitHeader, ClientGone, RateLimits, Wait
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
@@ -294,7 +294,13 @@ class Forwarder:
             return await self._send_once(request, body, token, pacer)
 
         try:
-            upstream = await self._send_with_auth(request, body, wait, tokens.access_token, send)
+            try:
+                upstream = await self._send_with_auth(
+                    request, body, wait, tokens.access_token, send
+                )
+            finally:
+                if wait.spent:
+                    request[WAITED] = wait.spent
             try:
                 return await self._relay(request, upstream, pacer)
             finally:

@@ -34,6 +34,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
+from aiohttp import web
+
+# Seconds a request waited for its group, for the dashboard's table of recent requests.
+WAITED = web.RequestKey("waited", float)
 log = logging.getLogger("closeproxy.ratelimit")
 
 WAIT_HEADER: Final = "Closeproxy-Rate-Limit-Wait"
@@ -340,6 +344,9 @@ class RateLimits:
     ) -> None:
         self.max_wait = max_wait
         self._gates: dict[str, GroupGate] = {}
+        # Observers (metrics): a finished wait (group, seconds); Close's `remaining` (group, n).
+        self.on_wait: Callable[[str, float], None] | None = None
+        self.on_remaining: Callable[[str, int], None] | None = None
         self._rng = rng
         self._clock = clock
         self._wall = wall
@@ -387,6 +394,8 @@ class RateLimits:
                 gate.observe(None, {}, now=self._clock(), now_wall=self._wall())
                 raise
             gate.observe(answer.status, answer.headers, now=self._clock(), now_wall=self._wall())
+            if self.on_remaining is not None and gate.remaining is not None:
+                self.on_remaining(wait.group, gate.remaining)
             if answer.status != 429:
                 return answer
             if not replayable or not fits(wait.spent, self._retry_wait(gate), wait.budget):
@@ -432,6 +441,8 @@ class RateLimits:
                 wait.spent += seconds
                 gate.waits += 1
                 gate.waited_seconds += seconds
+                if self.on_wait is not None:
+                    self.on_wait(wait.group, seconds)
                 log.info(
                     "%s waited %.2f s for Close's rate limit (%s), %s",
                     wait.group,

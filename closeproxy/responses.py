@@ -8,6 +8,9 @@ from aiohttp import web
 
 from .errors import ServiceError
 
+# The closeproxy_error code of a response the proxy made, for the errors metric.
+ERROR_CODE = web.ResponseKey("closeproxy_error", str)
+
 # Nothing the proxy says about itself may be cached or sniffed into something else.
 _HEADERS: dict[str, str] = {
     "Cache-Control": "no-store",
@@ -20,12 +23,14 @@ def error_response(
 ) -> web.Response:
     """`{"error": message, "closeproxy_error": code}`; `error` is what Close clients show."""
     body = json.dumps({"error": message, "closeproxy_error": code}).encode()
-    return web.Response(
+    response = web.Response(
         status=status,
         body=body,
         content_type="application/json",
         headers={**_HEADERS, **(headers or {})},
     )
+    response[ERROR_CODE] = code
+    return response
 
 
 def service_error_response(exc: ServiceError) -> web.Response:

@@ -9,7 +9,9 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
+from .dashboard import PageTokens, Recent
 from .login import PendingLogins
+from .metrics import Metrics
 from .proxy import Forwarder
 from .store import TokenStore
 from .tokens import TokenProvider
@@ -26,8 +28,16 @@ class Services:
     provider: TokenProvider
     forwarder: Forwarder
     upstream_route: UpstreamRoute | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    recent: Recent = field(default_factory=Recent)
+    page_tokens: PageTokens = field(default_factory=PageTokens)
+    # What the dashboard's last button press did, shown on the page after its redirect.
+    notice: str | None = None
     pending: PendingLogins = field(default_factory=PendingLogins)
     started: float = field(default_factory=time.monotonic)
 
 
 SERVICES = web.AppKey("services", Services)
+# Set on a request by the features that know them (rate limiting, scoped keys), shown in
+# the dashboard's table of recent requests: seconds waited, and the name of the key used.
+KEY_NAME = web.RequestKey("key_name", str)

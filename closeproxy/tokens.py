@@ -77,6 +77,7 @@ class Counters:
 
     refreshes: int = 0
     refresh_failures: int = 0
+    refresh_rejected: int = 0  # of the failures: Close answered invalid_grant
     adopted_from_disk: int = 0
 
 
@@ -114,6 +115,8 @@ class TokenProvider:
         self.margin = margin
         self.api_url = api_url
         self.counters = Counters()
+        # Why the latest refresh failed, until one succeeds (for the dashboard).
+        self.last_refresh_error: str | None = None
         self._clock = clock
         self.request_wait = request_wait
         # Why the disk last refused new tokens; names the file, never a token.
@@ -374,8 +377,10 @@ class TokenProvider:
         exc = task.exception()  # retrieved here so a flight nobody awaited logs nothing twice
         if exc is None:
             self._refusal = None
+            self.last_refresh_error = None
             return
         self.counters.refresh_failures += 1
+        self.last_refresh_error = str(exc)
         now = self._clock()
         self._background_after = now + BACKGROUND_RETRY
         self._next_save_attempt = now + SAVE_RETRY
@@ -413,6 +418,7 @@ class TokenProvider:
             try:
                 reply = await self.oauth.refresh(tokens.refresh_token)
             except LoginRequired:
+                self.counters.refresh_rejected += 1
                 # Record it in the file so no process spends another request on it.
                 dead = tokens.rejected("invalid_grant")
                 self._adopt(dead, await asyncio.to_thread(self.store.save, dead))

@@ -4,6 +4,7 @@
     python scripts/bench.py latency [--requests 5000] [--concurrency 10] [--json]
     python scripts/bench.py slow    [--downloads 300] [--uploads 260] [--json]
     python scripts/bench.py ratelimit [--requests 1000] [--limit 20] [--json]
+    python scripts/bench.py metrics-cost [--rounds 200000] [--json]
 
 Both start the simulator (`python -m closeproxy.sim`) and `closeproxy serve` as separate
 processes on free loopback ports, seed the proxy's token file from the simulator, and
@@ -848,14 +849,24 @@ async def latency_figures(args: argparse.Namespace, rig: Rig) -> dict[str, Any]:
         f"{warmup} warm-up requests first, {os.cpu_count()} CPUs, proxy log level {args.log_level}"
     )
     runs: dict[str, LatencyRun] = {}
+    proxy_process = psutil.Process(rig.proxy.process.pid)
+    cpu_per_request = 0.0
     async with session(limit=args.concurrency) as client:
         for target in both:
             await hammer(client, target, requests=warmup, concurrency=args.concurrency)
         for target in both:
             rig.require_running()
+            cpu_before = proxy_process.cpu_times()
             run = await hammer(client, target, requests=args.requests, concurrency=args.concurrency)
+            cpu_after = proxy_process.cpu_times()
             runs[target.name] = run
             say(run.line())
+            if target.name == "proxy" and run.latencies:
+                # CPU the proxy process spent per request: steadier than req/s on a busy
+                # machine, so it is the figure to compare two builds of the proxy by.
+                spent = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+                cpu_per_request = spent / len(run.latencies)
+                say(f"  proxy CPU per request: {cpu_per_request * 1e6:.0f} us (user + system)")
     direct, proxy = runs["direct"], runs["proxy"]
     added = {
         name: (proxy.percentile(q) - direct.percentile(q)) * 1000 for name, q in PERCENTILES.items()
@@ -874,6 +885,7 @@ async def latency_figures(args: argparse.Namespace, rig: Rig) -> dict[str, Any]:
         "proxy": proxy.summary(),
         "added_ms": {name: round(value, 3) for name, value in added.items()},
         "throughput_ratio": round(ratio, 3),
+        "proxy_cpu_us_per_request": round(cpu_per_request * 1e6, 1),
     }
 
 
@@ -1121,6 +1133,63 @@ def cmd_ratelimit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- metrics cost ------------------------------------------------------------------
+
+
+async def metrics_cost_figures(rounds: int) -> dict[str, float]:
+    """The front middleware around a proxied request vs the guard alone, in process.
+
+    Same request, same trivial handler; the difference is what metrics, the request id
+    and the dashboard's ring buffer add to every proxied request. (Upstream timing rides
+    on the client session's trace hooks and is not in this figure.)
+    """
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from closeproxy.app import Front
+    from closeproxy.dashboard import Recent
+    from closeproxy.guard import Guard
+    from closeproxy.metrics import Metrics
+
+    guard = Guard(allowed_hosts=(), proxy_key=None)
+    front = Front(guard, Metrics(), Recent()).middleware
+    request = make_mocked_request("GET", "/api/v1/me/?x=1", headers={"Host": "127.0.0.1:8730"})
+    answer = web.Response(status=200)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return answer
+
+    async def bare() -> None:
+        if guard.check(request) is None:
+            await handler(request)
+
+    async def wrapped() -> None:
+        await front(request, handler)
+
+    figures: dict[str, float] = {}
+    for name, call in (("guard only", bare), ("front middleware", wrapped)) * 2:
+        start = time.process_time()
+        for _ in range(rounds):
+            await call()
+        figures[name] = (time.process_time() - start) / rounds * 1e6  # the second pass counts
+    figures["added"] = figures["front middleware"] - figures["guard only"]
+    return figures
+
+
+def cmd_metrics_cost(args: argparse.Namespace) -> int:
+    figures = asyncio.run(metrics_cost_figures(args.rounds))
+    say(f"per proxied request, CPU, {args.rounds} rounds in process:")
+    for name, value in figures.items():
+        say(f"  {name:<17} {value:6.2f} us")
+    say(
+        "  compare 'added' with `latency`'s proxy CPU per request: that ratio is the share "
+        "of the proxy's work spent on metrics"
+    )
+    if args.json:
+        say(json.dumps({"bench": "metrics-cost", **{k: round(v, 2) for k, v in figures.items()}}))
+    return 0
+
+
 # --- command line ------------------------------------------------------------------
 
 
@@ -1192,6 +1261,15 @@ def parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=20, help="the group's limit per second at the simulator"
     )
     ratelimit.set_defaults(run=cmd_ratelimit)
+
+    cost = commands.add_parser(
+        "metrics-cost",
+        parents=[common],
+        help="CPU the metrics, request id and recent-requests buffer add to a proxied request",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cost.add_argument("--rounds", type=int, default=200_000, help="requests per variant")
+    cost.set_defaults(run=cmd_metrics_cost)
     return top
 
 

@@ -380,3 +380,35 @@ async def test_demo_prints_a_curl_loop_that_passes_only_through_the_proxy() -> N
     assert through == {200: 20}
     assert without.get(429, 0) > 0
     assert sum(without.values()) == 20
+
+
+async def test_waits_and_remaining_show_in_metrics(
+    sim: RunningSim, token_file: Path, proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tokens = seed_tokens(sim, token_file)
+    limit(sim, 1.0, GET_lead=1)
+    await exhaust_directly(sim, client, tokens.access_token, "GET", LEADS)
+    async with client.get(f"{proxy.url}{LEADS}") as resp:
+        assert resp.status == 200
+    async with client.get(f"{proxy.url}/metrics") as resp:
+        assert resp.status == 200
+        families = {
+            family.name: family for family in text_string_to_metric_families(await resp.text())
+        }
+
+    def value(family: str, sample_name: str) -> float:
+        samples = [
+            sample.value
+            for sample in families[family].samples
+            if sample.name == sample_name and sample.labels.get("group") == "GET lead"
+        ]
+        assert samples, f"{sample_name} has no GET lead sample"
+        return samples[0]
+
+    assert value("closeproxy_rate_limit_waits", "closeproxy_rate_limit_waits_total") == 1
+    assert (
+        value("closeproxy_rate_limit_wait_seconds", "closeproxy_rate_limit_wait_seconds_total") > 0
+    )
+    assert value("closeproxy_rate_limit_remaining", "closeproxy_rate_limit_remaining") >= 0
