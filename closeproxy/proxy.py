@@ -293,8 +293,18 @@ class Forwarder:
                 pacer.holds_upstream = True
             return await self._send_once(request, body, token, pacer)
 
+        def idle() -> None:
+            # Waiting to retry a 429 needs no connection: other groups may use it.
+            nonlocal held
+            if held:
+                held = False
+                pacer.holds_upstream = False
+                self._slots.release()
+
         try:
-            upstream = await self._send_with_auth(request, body, wait, tokens.access_token, send)
+            upstream = await self._send_with_auth(
+                request, body, wait, tokens.access_token, send, idle
+            )
             try:
                 return await self._relay(request, upstream, pacer)
             finally:
@@ -327,8 +337,9 @@ class Forwarder:
         wait: Wait,
         token: str,
         send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
+        idle: Callable[[], None],
     ) -> aiohttp.ClientResponse:
-        upstream = await self._send_limited(request, body, wait, token, send)
+        upstream = await self._send_limited(request, body, wait, token, send, idle)
         if upstream.status != 401 or not body.replayable:
             return upstream
         if not self._provider.should_refresh_on_401(token):
@@ -337,7 +348,7 @@ class Forwarder:
         log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
         fresh = await self._provider.refresh(rejected=token)
         self.counters.replays += 1
-        replayed = await self._send_limited(request, body, wait, fresh.access_token, send)
+        replayed = await self._send_limited(request, body, wait, fresh.access_token, send, idle)
         if replayed.status == 401:
             self._provider.note_replay_rejected(fresh.access_token)
         return replayed
@@ -349,6 +360,7 @@ class Forwarder:
         wait: Wait,
         token: str,
         send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
+        idle: Callable[[], None],
     ) -> aiohttp.ClientResponse:
         """`send` through the group's gate; a 429 is retried while the budget lasts."""
         try:
@@ -357,6 +369,7 @@ class Forwarder:
                 lambda: send(token),
                 replayable=body.replayable,
                 client_gone=lambda: request.transport is None or request.transport.is_closing(),
+                idle=idle,
             )
         except ClientGone:
             raise UpstreamFailed(

@@ -123,16 +123,16 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
         return None
     text = value.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        seconds = float(text)
-        return seconds if seconds <= MAX_RESET else None
+        # Further than a day is still Close's word: no budget covers it, so the 429 goes
+        # to the client at once (dropping it would mean asking Close again every second).
+        return min(float(text), MAX_RESET)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         return None
-    seconds = max(0.0, when.timestamp() - now)
-    return seconds if seconds <= MAX_RESET else None
+    return min(max(0.0, when.timestamp() - now), MAX_RESET)
 
 
 def announced_wait(headers: Mapping[str, str], *, now: float) -> float:
@@ -376,8 +376,13 @@ class RateLimits:
         *,
         replayable: bool,
         client_gone: Callable[[], bool],
+        idle: Callable[[], None] = lambda: None,
     ) -> A:
-        """Send through the group's gate; retry 429s while the budget lasts (if replayable)."""
+        """Send through the group's gate; retry 429s while the budget lasts (if replayable).
+
+        `idle` is called after a 429 that will be retried, before the wait: the caller
+        gives back what only an attempt needs (its connection slot to Close).
+        """
         gate = self.gate(wait.group)
         while True:
             await self._hold(gate, wait, client_gone)
@@ -393,6 +398,7 @@ class RateLimits:
                 gate.passed_through += 1
                 return answer
             answer.release()
+            idle()
 
     def _retry_wait(self, gate: GroupGate) -> float:
         return max(0.0, gate.blocked_until - self._clock())

@@ -1,0 +1,175 @@
+"""Hostile tests of the rate-limit absorption (SPEC §9), over real sockets.
+
+Some attacks need a Close that says things the simulator never would (absurd
+Retry-After values); those run against `Hostile`, a tiny aiohttp upstream on a real port
+whose answers each test scripts. Tokens come from the simulator as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from helpers import ProxyFactory, seed_tokens
+
+from closeproxy.ratelimit import WAIT_HEADER
+from closeproxy.sim import RunningSim
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Hostile:
+    """A scripted upstream: `handler` answers every request; `arrivals` logs them."""
+
+    url: str
+    handler: Handler
+    arrivals: list[tuple[float, str, str]] = field(default_factory=list)
+
+    def hits(self, path: str) -> int:
+        return sum(1 for _, _, seen in self.arrivals if seen == path)
+
+
+@contextlib.asynccontextmanager
+async def hostile_upstream(handler: Handler) -> AsyncIterator[Hostile]:
+    hostile = Hostile("", handler)
+
+    async def entry(request: web.Request) -> web.StreamResponse:
+        hostile.arrivals.append((time.monotonic(), request.method, request.path))
+        return await hostile.handler(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", entry)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    hostile.url = f"http://127.0.0.1:{port}"
+    try:
+        yield hostile
+    finally:
+        await runner.cleanup()
+
+
+def too_many(**headers: str) -> web.Response:
+    return web.json_response({"error": "rate limited"}, status=429, headers=headers)
+
+
+async def test_requests_waiting_to_retry_a_429_leave_the_pool_to_other_groups(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory
+) -> None:
+    # Two connections to Close. Two requests of group A meet a 429 saying "in 2 s" and
+    # wait to retry; a request of group B must not wait for their connections.
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/api/v1/slow_group/") and hostile.hits(request.path) <= 2:
+            return too_many(**{"Retry-After": "2"})
+        return web.json_response({"ok": True})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url, upstream_connections=2, pool_timeout=1) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+
+            async def get(path: str) -> tuple[int, float]:
+                started = time.monotonic()
+                async with client.get(proxy.url + path) as resp:
+                    await resp.read()
+                    return resp.status, time.monotonic() - started
+
+            waiting = [asyncio.create_task(get("/api/v1/slow_group/")) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while hostile.hits("/api/v1/slow_group/") < 2:
+                assert time.monotonic() < deadline, "the two requests never reached Close"
+                await asyncio.sleep(0.01)
+            status, took = await get("/api/v1/other_group/")
+            assert status == 200
+            assert took < 0.9  # not held until a retry frees a connection (2 s)
+            assert [s for s, _ in await asyncio.gather(*waiting)] == [200, 200]
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["100000", "9" * 5000, "Fri, 01 Jan 2100 00:00:00 GMT"],
+    ids=["27h", "huge", "2100"],
+)
+async def test_a_retry_after_beyond_a_day_passes_the_429_through_at_once(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, retry_after: str
+) -> None:
+    # Close says "come back in 27 hours" (or in 2100): no budget covers that, so the
+    # client gets the 429 at once, as for any reset past its budget; Close is not asked
+    # again every second meanwhile.
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return too_many(**{"Retry-After": retry_after})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url, rate_limit_wait=3) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+            started = time.monotonic()
+            async with client.get(proxy.url + "/api/v1/lead/") as resp:
+                assert resp.status == 429
+                assert resp.headers["Retry-After"] == retry_after
+            assert time.monotonic() - started < 1.5
+            assert hostile.hits("/api/v1/lead/") == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["1e308", "-1", "NaN", "inf", "0x10", "Wed, 01 Jan 1990 00:00:00 GMT", ""],
+)
+async def test_absurd_retry_after_values_are_waited_out_briefly_never_a_crash(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, retry_after: str
+) -> None:
+    # Malformed (or past) values fall back to a short wait; the retry then succeeds.
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if hostile.hits(request.path) == 1:
+            return too_many(**{"Retry-After": retry_after, "RateLimit": "limit=x" * 500})
+        return web.json_response({"ok": True})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url, rate_limit_wait=5) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+            started = time.monotonic()
+            async with client.get(proxy.url + "/api/v1/lead/") as resp:
+                assert resp.status == 200
+            assert time.monotonic() - started < 2.5
+            assert hostile.hits("/api/v1/lead/") == 2
+
+
+@pytest.mark.parametrize("value", ["inf", "-1", "nan", "1e400", "-inf", "", "1_0x"])
+async def test_hostile_wait_headers_are_a_400_before_close_is_asked(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, value: str
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+            async with client.get(
+                proxy.url + "/api/v1/lead/", headers={WAIT_HEADER: value}
+            ) as resp:
+                assert resp.status == 400
+                body = await resp.json()
+                assert body["closeproxy_error"] == "bad_rate_limit_wait"
+            assert hostile.arrivals == []
