@@ -414,6 +414,16 @@ class Forwarder:
                     "upstream_proxy_failed",
                     f"cannot reach Close at {self._base}: {describe_failure(exc, self._route)}",
                 ) from None
+            if self._route is not None and self._route.proxy is not None:
+                # Every connection goes through the outbound proxy: it may be the one
+                # that failed, so the message names it.
+                raise UpstreamFailed(
+                    502,
+                    "upstream_unreachable",
+                    f"cannot reach Close at {self._base}{self._route.via()} "
+                    f"({_reason(exc)}): check that proxy, the network and the --api-url "
+                    "setting",
+                ) from None
             raise UpstreamFailed(
                 502,
                 "upstream_unreachable",
