@@ -106,6 +106,12 @@ async def _services(
         rate_limit_wait=settings.rate_limit_wait,
     )
     app[SERVICES] = Services(settings, session, store, provider, forwarder, upstream_route=route)
+
+    async def stop_waiting(app: web.Application) -> None:
+        # Runs before the drain: requests waiting for a rate-limit reset end now.
+        forwarder.rate_limits.stop()
+
+    app.on_shutdown.append(stop_waiting)
     try:
         yield
     finally:

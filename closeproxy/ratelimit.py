@@ -272,6 +272,10 @@ class GroupGate:
             if self.credits is None or self.window_end < now + wait:
                 self.credits = 0
                 self.window_end = now + wait
+        self.wake()
+
+    def wake(self) -> None:
+        """Every request waiting on this group looks at it again."""
         self._news.set()
         self._news = asyncio.Event()
 
@@ -343,6 +347,8 @@ class RateLimits:
         self._rng = rng
         self._clock = clock
         self._wall = wall
+        # Set when the proxy stops: nobody waits any more, Close's 429s go through.
+        self.stopping = False
 
     def group(self, method: str, path: str) -> str:
         """``GET lead``; past the 100th distinct group, new ones count as ``METHOD other``."""
@@ -360,6 +366,13 @@ class RateLimits:
     def wait_for(self, method: str, path: str, header: str | None) -> Wait:
         """The request's group and budget; BadWaitHeader for a header that is no number."""
         return Wait(self.group(method, path), request_budget(header, self.max_wait))
+
+    def stop(self) -> None:
+        """The proxy is stopping: every waiting request goes now and gets Close's answer
+        (a 429 included), so that no wait holds the drain or is cut without an answer."""
+        self.stopping = True
+        for gate in self._gates.values():
+            gate.wake()
 
     def status(self) -> dict[str, dict[str, object]]:
         """For /admin/status: the groups Close sent a limit for, or that waited."""
@@ -394,7 +407,11 @@ class RateLimits:
             gate.observe(answer.status, answer.headers, now=self._clock(), now_wall=self._wall())
             if answer.status != 429:
                 return answer
-            if not replayable or not fits(wait.spent, self._retry_wait(gate), wait.budget):
+            if (
+                not replayable
+                or self.stopping
+                or not fits(wait.spent, self._retry_wait(gate), wait.budget)
+            ):
                 gate.passed_through += 1
                 return answer
             answer.release()
@@ -405,7 +422,7 @@ class RateLimits:
 
     async def _hold(self, gate: GroupGate, wait: Wait, client_gone: Callable[[], bool]) -> None:
         """Wait while the gate holds the group, within the budget; one log line per wait."""
-        if wait.budget <= 0:
+        if wait.budget <= 0 or self.stopping:
             gate.force()  # the client asked for Close's answer, whatever it is
             return
         started = self._clock()
@@ -418,7 +435,7 @@ class RateLimits:
                 delay = gate.admit(now)
                 if delay <= 0:
                     return
-                if (delay > left and delay < math.inf) or left <= 0:
+                if (delay > left and delay < math.inf) or left <= 0 or self.stopping:
                     # The reset is past the budget: go now and let Close's 429 through.
                     gate.force()
                     outcome = "then sent, the budget being spent"

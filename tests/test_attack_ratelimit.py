@@ -173,3 +173,65 @@ async def test_hostile_wait_headers_are_a_400_before_close_is_asked(
                 body = await resp.json()
                 assert body["closeproxy_error"] == "bad_rate_limit_wait"
             assert hostile.arrivals == []
+
+
+async def test_a_client_hanging_up_while_waiting_to_retry_costs_no_second_request(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return too_many(**{"Retry-After": "2"})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+            pending = asyncio.create_task(client.get(proxy.url + "/api/v1/lead/"))
+            deadline = time.monotonic() + 10
+            while hostile.hits("/api/v1/lead/") < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            pending.cancel()  # the client hangs up while the proxy waits to retry
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+            while True:  # the proxy notices (an event, bounded), then nothing more goes
+                async with client.get(proxy.url + "/admin/status") as resp:
+                    doc = await resp.json()
+                if doc["counters"]["client_disconnects"] >= 1:
+                    break
+                assert time.monotonic() < deadline, doc
+                await asyncio.sleep(0.05)
+            assert doc["counters"]["upstream_errors"] == 0
+            assert hostile.hits("/api/v1/lead/") == 1
+
+
+async def test_stopping_hands_waiting_requests_closes_429_at_once(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory
+) -> None:
+    # A request waiting 20 s for a reset must not hold Ctrl-C (or SIGTERM) for 20 s (or
+    # the whole 30 s drain, then be cut without an answer): it goes now, gets Close's 429.
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return too_many(**{"Retry-After": "20"})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with aiohttp.ClientSession() as client:
+            async with start_proxy(api_url=hostile.url) as proxy:
+
+                async def get() -> tuple[int, str | None]:
+                    async with client.get(proxy.url + "/api/v1/lead/") as resp:
+                        await resp.read()
+                        return resp.status, resp.headers.get("Retry-After")
+
+                waiting = asyncio.create_task(get())
+                deadline = time.monotonic() + 10
+                while hostile.hits("/api/v1/lead/") < 1:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                started = time.monotonic()
+            stopped_in = time.monotonic() - started  # the block's end is the drain
+            assert await waiting == (429, "20")
+            assert stopped_in < 3
+            # Its one last attempt (the proxy never makes a 429 up), then nothing.
+            assert hostile.hits("/api/v1/lead/") == 2
