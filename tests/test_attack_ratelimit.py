@@ -45,7 +45,7 @@ async def hostile_upstream(handler: Handler) -> AsyncIterator[Hostile]:
         hostile.arrivals.append((time.monotonic(), request.method, request.path))
         return await hostile.handler(request)
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", entry)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
@@ -235,3 +235,57 @@ async def test_stopping_hands_waiting_requests_closes_429_at_once(
             assert stopped_in < 3
             # Its one last attempt (the proxy never makes a 429 up), then nothing.
             assert hostile.hits("/api/v1/lead/") == 2
+
+
+@pytest.mark.parametrize("size", [512 * 1024, 2 * 1024 * 1024], ids=["kept", "streamed"])
+async def test_a_429_on_a_chunked_body_is_retried_only_when_the_body_was_kept(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory, size: int
+) -> None:
+    bodies: list[int] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        bodies.append(len(await request.read()))
+        if len(bodies) == 1:
+            return too_many(**{"Retry-After": "0.2"})
+        return web.json_response({"ok": True})
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(size // 65536):
+            yield b"b" * 65536
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+            async with client.post(proxy.url + "/api/v1/activity/", data=chunked()) as resp:
+                status = resp.status
+                await resp.read()
+    if size <= 1024 * 1024:
+        assert (status, bodies) == (200, [size, size])  # replayed whole
+    else:
+        assert (status, bodies) == (429, [size])  # Close's 429, unchanged, never replayed
+
+
+async def test_thousands_of_groups_and_odd_methods_stay_bounded(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({}, headers={"RateLimit": "limit=10, remaining=9, reset=1"})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+            for index in range(1500):
+                method = ("GET", "PROPFIND", "PURGE", "POST")[index % 4]
+                async with client.request(method, f"{proxy.url}/api/v1/seg{index}/") as resp:
+                    assert resp.status == 200
+            async with client.get(f"{proxy.url}/admin/status") as resp:
+                groups = (await resp.json())["rate_limits"]
+    assert len(groups) <= 100 + 8  # 100 named, then one `METHOD other` per known method
+    assert "other" in groups  # PROPFIND and PURGE share one group
+    assert not any("PROPFIND" in name or "PURGE" in name for name in groups)
