@@ -23,7 +23,7 @@ from yarl import URL
 
 from .errors import ServiceError
 from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
-from .ratelimit import WAIT_HEADER, BadWaitHeader, ClientGone, RateLimits, Wait
+from .ratelimit import WAIT_HEADER, BadWaitHeader, ClientGone, Held, RateLimits, Wait
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
@@ -289,6 +289,12 @@ class Forwarder:
             nonlocal held
             if not held:
                 await self._take_slot()
+                try:
+                    # A 429 for its group may have come in while it queued for the slot.
+                    self.rate_limits.recheck(wait)
+                except Held:
+                    self._slots.release()
+                    raise
                 held = True
                 pacer.holds_upstream = True
             return await self._send_once(request, body, token, pacer)

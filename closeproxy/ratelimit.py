@@ -322,6 +322,11 @@ class ClientGone(Exception):
     """The client hung up while its request waited; nothing more is sent for it."""
 
 
+class Held(Exception):
+    """Its group began backing off while the request waited for a connection: it gives
+    the connection back and waits for the reset like the others."""
+
+
 @dataclass
 class Wait:
     """One request's budget and what it has spent of it."""
@@ -374,6 +379,19 @@ class RateLimits:
         for gate in self._gates.values():
             gate.wake()
 
+    def recheck(self, wait: Wait) -> None:
+        """Held when the request's group started backing off after it was let through
+        (a 429 arrived while it queued for a connection) and it can afford the wait."""
+        gate = self.gate(wait.group)
+        left = gate.blocked_until - self._clock()
+        if (
+            wait.budget > 0
+            and not self.stopping
+            and left > 0
+            and fits(wait.spent, left, wait.budget)
+        ):
+            raise Held()
+
     def status(self) -> dict[str, dict[str, object]]:
         """For /admin/status: the groups Close sent a limit for, or that waited."""
         return {
@@ -401,6 +419,9 @@ class RateLimits:
             await self._hold(gate, wait, client_gone)
             try:
                 answer = await attempt()
+            except Held:
+                gate.in_flight = max(0, gate.in_flight - 1)
+                continue  # back to the gate, which holds it until the reset
             except BaseException:
                 gate.observe(None, {}, now=self._clock(), now_wall=self._wall())
                 raise

@@ -289,3 +289,36 @@ async def test_thousands_of_groups_and_odd_methods_stay_bounded(
     assert len(groups) <= 100 + 8  # 100 named, then one `METHOD other` per known method
     assert "other" in groups  # PROPFIND and PURGE share one group
     assert not any("PROPFIND" in name or "PURGE" in name for name in groups)
+
+
+async def test_requests_queued_for_a_connection_when_a_429_arrives_wait_for_the_reset(
+    sim: RunningSim, token_file: Path, start_proxy: ProxyFactory
+) -> None:
+    # Two connections, six requests of one group before Close has said anything: two go,
+    # four queue for a connection. Close answers the two with 429 "in 3 s": the four
+    # that then get a connection must wait for the reset, not meet four more 429s.
+    reset_at: list[float] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not reset_at or time.monotonic() < reset_at[0]:
+            await asyncio.sleep(0.3)
+            if not reset_at:
+                reset_at.append(time.monotonic() + 3)
+            return too_many(**{"Retry-After": "3"})
+        return web.json_response({"ok": True})
+
+    async with hostile_upstream(answer) as hostile:
+        seed_tokens(sim, token_file, api_url=hostile.url)
+        async with (
+            start_proxy(api_url=hostile.url, upstream_connections=2, pool_timeout=20) as proxy,
+            aiohttp.ClientSession() as client,
+        ):
+
+            async def get() -> int:
+                async with client.get(proxy.url + "/api/v1/lead/") as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await asyncio.gather(*(get() for _ in range(6))) == [200] * 6
+    early = [at for at, _, _ in hostile.arrivals if at < reset_at[0]]
+    assert len(early) == 2, f"{len(early)} requests reached Close before the reset"
