@@ -182,6 +182,12 @@ async def _services(
         recent=recent,
         page_tokens=PageTokens(),
     )
+
+    async def stop_waiting(app: web.Application) -> None:
+        # Runs before the drain: requests waiting for a rate-limit reset end now.
+        forwarder.rate_limits.stop()
+
+    app.on_shutdown.append(stop_waiting)
     try:
         yield
     finally:

@@ -7,8 +7,11 @@ wait may last at most `timeout` seconds, and all of a request's waits together a
 is cut like one that stalled.
 
 A request that holds one of Close's connections and has waited on its client for more
-than SLOW_AFTER in all needs a seat in the slow share (half the pool). When none is free
-it is cut at once: clients that do not keep up never take the connections others need.
+than SLOW_AFTER at once, or in all for more than SLOW_AFTER plus one second per FAST_ENOUGH
+bytes it moved, needs a seat in the slow share (half the pool). When none is free it is
+cut at once: clients that do not keep up never take the connections others need, while a
+client moving data at an ordinary speed (which always keeps the proxy waiting a little,
+Close being faster) never needs one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from aiohttp import StreamReader, web
 
 # Waiting on the client this long in all marks a request as paced by its client.
 SLOW_AFTER: Final = 1.0
+# Each byte moved allows that much more waiting: a client averaging this rate or more
+# over its waits is no slow client, however long its transfer.
+FAST_ENOUGH: Final = 64 * 1024
 
 
 class ClientTooSlow(TimeoutError):
@@ -124,7 +130,10 @@ class Pacer:
         self._deadline = now + max(budget, 0.0)
         first = self._deadline
         if self.holds_upstream and not self.seated:
-            first = min(first, now + max(SLOW_AFTER - self._paced, 0.0))
+            # One pause of SLOW_AFTER, or waits adding up past the allowance its bytes
+            # earned (a trickle); bytes sitting in socket buffers earn nothing once it stops.
+            allowance = SLOW_AFTER + self._moved / FAST_ENOUGH - self._paced
+            first = min(first, now + SLOW_AFTER, now + max(allowance, 0.0))
         self._timer = self._loop.call_at(first, self._check)
         return now
 

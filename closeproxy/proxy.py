@@ -23,7 +23,7 @@ from yarl import URL
 
 from .errors import ServiceError
 from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
-from .ratelimit import WAIT_HEADER, WAITED, BadWaitHeader, ClientGone, RateLimits, Wait
+from .ratelimit import WAIT_HEADER, WAITED, BadWaitHeader, ClientGone, Held, RateLimits, Wait
 from .responses import error_response, service_error_response
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
@@ -289,14 +289,28 @@ class Forwarder:
             nonlocal held
             if not held:
                 await self._take_slot()
+                try:
+                    # A 429 for its group may have come in while it queued for the slot.
+                    self.rate_limits.recheck(wait)
+                except Held:
+                    self._slots.release()
+                    raise
                 held = True
                 pacer.holds_upstream = True
             return await self._send_once(request, body, token, pacer)
 
+        def idle() -> None:
+            # Waiting to retry a 429 needs no connection: other groups may use it.
+            nonlocal held
+            if held:
+                held = False
+                pacer.holds_upstream = False
+                self._slots.release()
+
         try:
             try:
                 upstream = await self._send_with_auth(
-                    request, body, wait, tokens.access_token, send
+                    request, body, wait, tokens.access_token, send, idle
                 )
             finally:
                 if wait.spent:
@@ -333,8 +347,9 @@ class Forwarder:
         wait: Wait,
         token: str,
         send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
+        idle: Callable[[], None],
     ) -> aiohttp.ClientResponse:
-        upstream = await self._send_limited(request, body, wait, token, send)
+        upstream = await self._send_limited(request, body, wait, token, send, idle)
         if upstream.status != 401 or not body.replayable:
             return upstream
         if not self._provider.should_refresh_on_401(token):
@@ -343,7 +358,7 @@ class Forwarder:
         log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
         fresh = await self._provider.refresh(rejected=token)
         self.counters.replays += 1
-        replayed = await self._send_limited(request, body, wait, fresh.access_token, send)
+        replayed = await self._send_limited(request, body, wait, fresh.access_token, send, idle)
         if replayed.status == 401:
             self._provider.note_replay_rejected(fresh.access_token)
         return replayed
@@ -355,6 +370,7 @@ class Forwarder:
         wait: Wait,
         token: str,
         send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
+        idle: Callable[[], None],
     ) -> aiohttp.ClientResponse:
         """`send` through the group's gate; a 429 is retried while the budget lasts."""
         try:
@@ -363,6 +379,7 @@ class Forwarder:
                 lambda: send(token),
                 replayable=body.replayable,
                 client_gone=lambda: request.transport is None or request.transport.is_closing(),
+                idle=idle,
             )
         except ClientGone:
             raise UpstreamFailed(
@@ -406,6 +423,16 @@ class Forwarder:
                     502,
                     "upstream_proxy_failed",
                     f"cannot reach Close at {self._base}: {describe_failure(exc, self._route)}",
+                ) from None
+            if self._route is not None and self._route.proxy is not None:
+                # Every connection goes through the outbound proxy: it may be the one
+                # that failed, so the message names it.
+                raise UpstreamFailed(
+                    502,
+                    "upstream_unreachable",
+                    f"cannot reach Close at {self._base}{self._route.via()} "
+                    f"({_reason(exc)}): check that proxy, the network and the --api-url "
+                    "setting",
                 ) from None
             raise UpstreamFailed(
                 502,

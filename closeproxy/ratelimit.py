@@ -127,16 +127,16 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
         return None
     text = value.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        seconds = float(text)
-        return seconds if seconds <= MAX_RESET else None
+        # Further than a day is still Close's word: no budget covers it, so the 429 goes
+        # to the client at once (dropping it would mean asking Close again every second).
+        return min(float(text), MAX_RESET)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         return None
-    seconds = max(0.0, when.timestamp() - now)
-    return seconds if seconds <= MAX_RESET else None
+    return min(max(0.0, when.timestamp() - now), MAX_RESET)
 
 
 def announced_wait(headers: Mapping[str, str], *, now: float) -> float:
@@ -276,6 +276,10 @@ class GroupGate:
             if self.credits is None or self.window_end < now + wait:
                 self.credits = 0
                 self.window_end = now + wait
+        self.wake()
+
+    def wake(self) -> None:
+        """Every request waiting on this group looks at it again."""
         self._news.set()
         self._news = asyncio.Event()
 
@@ -322,6 +326,11 @@ class ClientGone(Exception):
     """The client hung up while its request waited; nothing more is sent for it."""
 
 
+class Held(Exception):
+    """Its group began backing off while the request waited for a connection: it gives
+    the connection back and waits for the reset like the others."""
+
+
 @dataclass
 class Wait:
     """One request's budget and what it has spent of it."""
@@ -350,6 +359,8 @@ class RateLimits:
         self._rng = rng
         self._clock = clock
         self._wall = wall
+        # Set when the proxy stops: nobody waits any more, Close's 429s go through.
+        self.stopping = False
 
     def group(self, method: str, path: str) -> str:
         """``GET lead``; past the 100th distinct group, new ones count as ``METHOD other``."""
@@ -368,6 +379,26 @@ class RateLimits:
         """The request's group and budget; BadWaitHeader for a header that is no number."""
         return Wait(self.group(method, path), request_budget(header, self.max_wait))
 
+    def stop(self) -> None:
+        """The proxy is stopping: every waiting request goes now and gets Close's answer
+        (a 429 included), so that no wait holds the drain or is cut without an answer."""
+        self.stopping = True
+        for gate in self._gates.values():
+            gate.wake()
+
+    def recheck(self, wait: Wait) -> None:
+        """Held when the request's group started backing off after it was let through
+        (a 429 arrived while it queued for a connection) and it can afford the wait."""
+        gate = self.gate(wait.group)
+        left = gate.blocked_until - self._clock()
+        if (
+            wait.budget > 0
+            and not self.stopping
+            and left > 0
+            and fits(wait.spent, left, wait.budget)
+        ):
+            raise Held()
+
     def status(self) -> dict[str, dict[str, object]]:
         """For /admin/status: the groups Close sent a limit for, or that waited."""
         return {
@@ -383,13 +414,21 @@ class RateLimits:
         *,
         replayable: bool,
         client_gone: Callable[[], bool],
+        idle: Callable[[], None] = lambda: None,
     ) -> A:
-        """Send through the group's gate; retry 429s while the budget lasts (if replayable)."""
+        """Send through the group's gate; retry 429s while the budget lasts (if replayable).
+
+        `idle` is called after a 429 that will be retried, before the wait: the caller
+        gives back what only an attempt needs (its connection slot to Close).
+        """
         gate = self.gate(wait.group)
         while True:
             await self._hold(gate, wait, client_gone)
             try:
                 answer = await attempt()
+            except Held:
+                gate.in_flight = max(0, gate.in_flight - 1)
+                continue  # back to the gate, which holds it until the reset
             except BaseException:
                 gate.observe(None, {}, now=self._clock(), now_wall=self._wall())
                 raise
@@ -398,17 +437,22 @@ class RateLimits:
                 self.on_remaining(wait.group, gate.remaining)
             if answer.status != 429:
                 return answer
-            if not replayable or not fits(wait.spent, self._retry_wait(gate), wait.budget):
+            if (
+                not replayable
+                or self.stopping
+                or not fits(wait.spent, self._retry_wait(gate), wait.budget)
+            ):
                 gate.passed_through += 1
                 return answer
             answer.release()
+            idle()
 
     def _retry_wait(self, gate: GroupGate) -> float:
         return max(0.0, gate.blocked_until - self._clock())
 
     async def _hold(self, gate: GroupGate, wait: Wait, client_gone: Callable[[], bool]) -> None:
         """Wait while the gate holds the group, within the budget; one log line per wait."""
-        if wait.budget <= 0:
+        if wait.budget <= 0 or self.stopping:
             gate.force()  # the client asked for Close's answer, whatever it is
             return
         started = self._clock()
@@ -421,7 +465,7 @@ class RateLimits:
                 delay = gate.admit(now)
                 if delay <= 0:
                     return
-                if (delay > left and delay < math.inf) or left <= 0:
+                if (delay > left and delay < math.inf) or left <= 0 or self.stopping:
                     # The reset is past the budget: go now and let Close's 429 through.
                     gate.force()
                     outcome = "then sent, the budget being spent"

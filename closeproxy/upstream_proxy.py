@@ -51,10 +51,21 @@ class ProxyURL:
         return str(self.url)
 
     def with_credentials(self) -> URL:
-        """The URL handed to aiohttp, which turns the user info into Proxy-Authorization."""
+        """The URL handed to aiohttp, which turns the user info into Proxy-Authorization.
+
+        aiohttp encodes that header's credentials as Latin-1, which fails on any other
+        letter; curl sends UTF-8 (RFC 7617). So each is handed over as its UTF-8 bytes
+        spelled in Latin-1, which aiohttp's encoding turns back into those bytes.
+        """
         if self.user is None:
             return self.url
-        return self.url.with_user(self.user).with_password(self.password)
+        return self.url.with_user(_as_latin1(self.user)).with_password(
+            _as_latin1(self.password or "")
+        )
+
+
+def _as_latin1(text: str) -> str:
+    return text.encode("utf-8").decode("latin-1")
 
 
 def parse_proxy_url(text: str) -> ProxyURL:
@@ -105,6 +116,10 @@ class UpstreamRoute:
 
     def session_proxy(self) -> URL | None:
         return self.proxy.with_credentials() if self.proxy is not None else None
+
+    def via(self) -> str:
+        """`` through the outbound proxy URL`` when there is one (for error messages)."""
+        return f" through the outbound proxy {self.proxy.display}" if self.proxy else ""
 
 
 def resolve(

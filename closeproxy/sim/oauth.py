@@ -263,6 +263,8 @@ async def revoke(request: web.Request) -> web.Response:
         return _oauth_error(exc)
     state.log_revoke(dict(form))
     state.log_oauth_headers(request)
+    if state.revoke_delay > 0:
+        await asyncio.sleep(state.revoke_delay)
     if state.revoke_down:
         return web.json_response(
             {"error": "temporarily_unavailable", "error_description": "Simulated outage."},

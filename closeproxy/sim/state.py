@@ -116,6 +116,7 @@ STATE_KNOBS: dict[str, Callable[[object], object]] = {
     "api_delay": nonneg_float,
     "deny": boolean,
     "revoke_down": boolean,
+    "revoke_delay": nonneg_float,
 }
 
 
@@ -139,6 +140,7 @@ class SimState:
         self.api_delay = 0.0
         self.deny = False
         self.revoke_down = False  # only the revoke endpoint answers 503
+        self.revoke_delay = 0.0  # seconds the revoke endpoint takes before answering
 
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
