@@ -159,6 +159,8 @@ class SimState:
         self.rejected_api_requests = 0
         self.api_log: list[RecordedRequest] = []
         self.token_log: list[dict[str, str]] = []
+        # Spent refresh tokens sent again, in order (each one counted in reuse_detected).
+        self.reused_refresh_tokens: list[str] = []
         # Client ports of token requests received but not answered yet (for chaos tests:
         # a process killed while one of its ports is here lost a reply).
         self.token_requests_in_flight: list[int] = []
@@ -310,6 +312,7 @@ class SimState:
             raise OAuthError("invalid_grant", "Invalid refresh token.")
         if record.spent:
             self.reuse_detected += 1
+            self.reused_refresh_tokens.append(refresh_token)
             record.family.alive = False
             self._save_tokens()
             raise OAuthError("invalid_grant", "Refresh token was already used.")
