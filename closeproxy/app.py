@@ -195,10 +195,12 @@ def create_app(
     browser_login: bool = True,
 ) -> web.Application:
     """The proxy; `browser_login=False` for one that dies with a command (`run`)."""
-    for secret in (settings.client_secret, settings.proxy_key):
+    for secret in (settings.client_secret, settings.proxy_key, *(k.key for k in settings.keys)):
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
-    guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
+    guard = Guard(
+        allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key, keys=settings.keys
+    )
     front = Front(guard)
     app = web.Application(middlewares=[front.middleware])
     app.cleanup_ctx.append(partial(_services, settings, tuple(oauth_backoff), browser_login))

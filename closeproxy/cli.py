@@ -16,7 +16,16 @@ from typing import Any
 
 from . import __version__, terminal_login
 from .app import client_session, oauth_client
-from .config import DEFAULT_PORT, OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
+from .config import (
+    DEFAULT_PORT,
+    OPTIONS,
+    OPTIONS_BY_NAME,
+    READ_ONLY_METHODS,
+    Settings,
+    load_settings,
+    parse_key_methods,
+    parse_key_paths,
+)
 from .errors import CloseProxyError, ConfigError
 from .login import retire_previous
 from .logs import setup_logging
@@ -232,8 +241,18 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             "nothing to run: give a command after --, e.g. `closeproxy run -- python sync.py`",
             setting="command",
         )
+    methods = None
+    if args.read_only and args.methods:
+        raise ConfigError(
+            "--read-only already means --methods GET,HEAD: give one of them", setting="methods"
+        )
+    if args.read_only:
+        methods = READ_ONLY_METHODS
+    elif args.methods:
+        methods = parse_key_methods(",".join(args.methods), "--methods")
+    paths = parse_key_paths(",".join(args.paths), "--paths") if args.paths else ()
     setup_logging(_quiet_level(settings), settings.log_format)
-    status: int = asyncio.run(run_command(settings, argv))
+    status: int = asyncio.run(run_command(settings, argv, methods=methods, paths=paths))
     return status
 
 
@@ -318,8 +337,10 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         "run a command against a private proxy: closeproxy run -- CMD ARGS",
         "Start the proxy on a free loopback port with a fresh random proxy key and run "
         "CMD with CLOSE_API_URL, CLOSEPROXY_URL and CLOSE_API_KEY (that key) in its "
-        "environment, so a tool written for Close API keys works unchanged. Signals are "
-        "forwarded; the exit status is CMD's.",
+        "environment, so a tool written for Close API keys works unchanged. With "
+        "--read-only, --methods or --paths that key is limited to that scope (403 "
+        "key_not_allowed otherwise, and no admin routes). Signals are forwarded; the exit "
+        "status is CMD's.",
     ),
     "demo": (
         cmd_demo,
@@ -397,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
                 "at Close, one quick try; a failure is reported but never fails the login)",
             )
         if name == "run":
+            sub.add_argument(
+                "--read-only",
+                action="store_true",
+                help="the child's key may only make GET and HEAD requests (no admin routes)",
+            )
+            sub.add_argument(
+                "--methods",
+                action="append",
+                metavar="GET,HEAD,...",
+                help="the child's key may only use these methods (comma-separated, "
+                "repeatable; no admin routes)",
+            )
+            sub.add_argument(
+                "--paths",
+                action="append",
+                metavar="/api/v1/lead/,...",
+                help="the child's key may only reach these path prefixes under /api/v1/ "
+                "(comma-separated, repeatable; no admin routes)",
+            )
             sub.add_argument(
                 "argv",
                 nargs=argparse.REMAINDER,

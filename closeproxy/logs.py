@@ -25,6 +25,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "[secure]"
 REQUEST_ID = web.RequestKey("request_id", str)
+# The name of the key a request presented ("proxy", a [keys.NAME] name, "run"): never the key.
+KEY_NAME = web.RequestKey("key_name", str)
 _MAX_SECRETS = 64
 # Rotating tokens: the newest few. Long-lived secrets (client secret, proxy key) are
 # kept apart so that no number of refreshes can push them out.
@@ -46,6 +48,7 @@ _EXTRA_FIELDS: tuple[str, ...] = (
     "bytes",
     "duration_ms",
     "remote",
+    "key",
 )
 
 
@@ -154,7 +157,7 @@ class AccessLogger(AbstractAccessLogger):
             # The login callback's query is a one-time code and its state: not for any log.
             path = path.partition("?")[0] + "?" + REDACTED
         self.logger.info(
-            '%s "%s %s" %d %d %.1fms rid=%s',
+            '%s "%s %s" %d %d %.1fms rid=%s key=%s',
             request.remote,
             request.method,
             path,
@@ -162,6 +165,7 @@ class AccessLogger(AbstractAccessLogger):
             response.body_length,
             time * 1000,
             request.get(REQUEST_ID, "-"),
+            request.get(KEY_NAME, "-"),
             extra={
                 "request_id": request.get(REQUEST_ID),
                 "method": request.method,
@@ -170,6 +174,7 @@ class AccessLogger(AbstractAccessLogger):
                 "bytes": response.body_length,
                 "duration_ms": round(time * 1000, 1),
                 "remote": request.remote,
+                "key": request.get(KEY_NAME),
             },
         )
 
