@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -48,6 +49,7 @@ COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
         name for name in _SERVE if name not in {"host", "port", "unix_socket", "proxy_key"}
     ),
     "demo": ("port", *_LOGGING),
+    "service": (),
 }
 ALIASES: dict[str, str] = {"logout": "revoke"}
 
@@ -256,6 +258,24 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_service(settings: Settings, args: argparse.Namespace) -> int:
+    from . import service
+
+    if args.action == "print":
+        outcome = service.Outcome(
+            [service.render_unit(settings).rstrip("\n")],
+            service.shell_notes(settings, os.environ),
+        )
+    elif args.action == "install":
+        outcome = service.install(settings)
+    else:
+        outcome = service.uninstall()
+    for note in outcome.notes:
+        print(f"closeproxy service: note: {note}", file=sys.stderr)
+    print("\n".join(outcome.out), flush=True)
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from .demo import demo  # the simulator is loaded only for the demo
 
@@ -348,6 +368,15 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         "Start the bundled Close simulator and a proxy logged in to it (port 8730 unless "
         "busy), and print curl commands to paste. No network or account needed; the "
         "demo's tokens live in a temporary directory.",
+    ),
+    "service": (
+        cmd_service,
+        "run the proxy as a systemd user service: install, print or uninstall its unit",
+        "`install` writes a systemd user unit for `closeproxy serve` with the current "
+        "config file to $XDG_CONFIG_HOME/systemd/user/closeproxy.service (default "
+        "~/.config/systemd/user) and prints the systemctl --user lines that enable and "
+        "start it; `print` only prints the unit; `uninstall` removes it. The service reads "
+        "its settings from the config file only.",
     ),
     "token": (
         cmd_token,
@@ -442,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                 nargs=argparse.REMAINDER,
                 metavar="-- CMD ARGS",
                 help="the command to run and its arguments",
+            )
+        if name == "service":
+            sub.add_argument(
+                "action",
+                choices=("install", "print", "uninstall"),
+                help="install the unit, print it, or uninstall it",
             )
         if name == "demo":
             sub.add_argument(
