@@ -213,7 +213,7 @@ async def test_the_images_command_serves_answers_its_healthcheck_and_drains_on_s
                 assert _process_uid(process.pid) == image_user()[0]
             check = [sys.executable if w == "python" else w for w in exec_form("HEALTHCHECK")]
             health = await asyncio.to_thread(
-                subprocess.run, check, timeout=30, check=False, **as_the_image(env, home)
+                lambda: subprocess.run(check, timeout=30, check=False, **as_the_image(env, home))
             )
             assert health.returncode == 0
             auth = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
