@@ -23,6 +23,7 @@ from helpers import (
     run_cli,
     run_cli_async,
     seed_tokens,
+    start_serve,
 )
 
 from closeproxy.config import Settings, load_settings
@@ -326,6 +327,20 @@ def test_a_bad_key_table_is_one_sentence_naming_the_table_and_exit_2(
         (line,) = result.stderr.splitlines()
         assert line == f"closeproxy serve: {message}"
         assert "Traceback" not in result.stderr
+
+
+def test_serve_says_at_start_which_keys_it_knows(
+    sim: RunningSim, token_file: Path, tmp_path: Path
+) -> None:
+    env = keys_env(sim, token_file, write_config(tmp_path), CLOSEPROXY_PROXY_KEY=PROXY_KEY)
+    server = start_serve(env)  # waits for its listening line
+    assert server.stop() == 0
+    assert (
+        "key 'reports' may make GET, HEAD requests under /api/v1/lead/, /api/v1/activity/"
+        in server.logs
+    )
+    assert "key 'agent' may make requests of any method under /api/v1/me/" in server.logs
+    assert REPORTS_KEY not in server.logs and AGENT_KEY not in server.logs
 
 
 RUN_CHILD = textwrap.dedent(
