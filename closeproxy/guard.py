@@ -249,7 +249,11 @@ def scope_refusal(
         if "%" not in decoded:
             break
         decoded = unquote(decoded, errors="replace")
-    asked = [method, *(v.strip().upper() for n in METHOD_OVERRIDES for v in headers.getall(n, ()))]
+    # A method override's value is the client's text: only a short piece of it is quoted.
+    asked = [
+        method,
+        *(v.strip().upper()[:16] for n in METHOD_OVERRIDES for v in headers.getall(n, ())),
+    ]
     if key.methods is not None:
         for wanted in asked:
             if wanted not in key.methods:
