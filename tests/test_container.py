@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -245,3 +246,130 @@ def _process_uid(pid: int) -> int:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     raise AssertionError("no Uid line")
+
+
+# --- the real image, built with podman and run with buildah ---------------------------
+
+ENGINE_TOOLS = ("podman", "buildah", "mmdebstrap")
+BUILDAH = ("buildah", "--storage-driver", "vfs")
+
+
+def container_skip_reason(config: pytest.Config) -> str | None:
+    missing = [tool for tool in ENGINE_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} missing: apt-get install -y podman buildah mmdebstrap"
+    if os.geteuid() != 0:
+        return "building with podman's vfs storage and chroot isolation needs root here"
+    marks = str(config.getoption("markexpr", ""))
+    if "container" not in marks or "not container" in marks:
+        return "builds the image (minutes): run it with `pytest -m container`"
+    return None
+
+
+def buildah(*args: str, timeout: float = 120) -> str:
+    result = subprocess.run(
+        [*BUILDAH, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def descendant_named(pid: int, name: str) -> int:
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        if child.name() == name:
+            return int(child.pid)
+    raise AssertionError(f"no {name} process under {pid}")
+
+
+@pytest.mark.container
+@pytest.mark.timeout(1200)
+async def test_the_image_builds_runs_as_its_user_needs_a_key_and_drains(
+    sim: RunningSim, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    reason = container_skip_reason(request.config)
+    if reason is not None:
+        pytest.skip(reason)
+    started = time.monotonic()
+    build = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", str(ROOT / "scripts" / "build-image.sh"), "closeproxy-test"],
+        capture_output=True,
+        text=True,
+        timeout=1100,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    print(f"image built in {time.monotonic() - started:.0f} s")
+    ctr = buildah("from", "closeproxy-test")
+    # `buildah run` lays a fresh temporary volume over each VOLUME of the image, which
+    # would hide the bind mount below: drop it from this container (docker and podman run
+    # mount the volume they are given there instead).
+    buildah("config", "--volume", "/data-", ctr)
+    run = [*BUILDAH, "run", "--isolation", "chroot", "--network", "host"]
+    try:
+        assert buildah("run", "--isolation", "chroot", ctr, "--", "id", "-u") == "10001"
+        port = str(free_port())
+        command = exec_form("ENTRYPOINT") + exec_form("CMD")
+        refused = subprocess.run(
+            [*run, "-e", f"CLOSEPROXY_PORT={port}", ctr, "--", *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert refused.returncode != 0
+        assert "closeproxy serve: listen host '0.0.0.0'" in refused.stderr
+        # the tokens live in the /data volume, here a host directory owned by the image's user
+        volume = Path(tempfile.mkdtemp(prefix="closeproxy-volume-"))
+        os.chown(volume, 10001, 10001)
+        seed_tokens(sim, volume / "tokens.json")
+        os.chown(volume / "tokens.json", 10001, 10001)
+        env = [
+            *("-v", f"{volume}:/data"),
+            *("-e", f"CLOSEPROXY_PORT={port}"),
+            *("-e", f"CLOSEPROXY_PROXY_KEY={KEY}"),
+            *("-e", f"CLOSEPROXY_API_URL={sim.url}"),
+        ]
+        process = subprocess.Popen(
+            [*run, *env, ctr, "--", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        server = ServeProcess(process)
+        await asyncio.to_thread(server.wait_ready, 60)
+        try:
+            health = await asyncio.to_thread(
+                subprocess.run,
+                [*run, *env, ctr, "--", *exec_form("HEALTHCHECK")],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert health.returncode == 0, health.stderr
+            auth = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{base}/api/v1/me/") as resp:
+                    assert resp.status == 401
+                async with session.get(f"{base}/api/v1/me/", headers=auth) as resp:
+                    assert resp.status == 200, (await resp.text(), server.logs)
+                sim.state.api_delay = 1.0
+                pending = asyncio.create_task(session.get(f"{base}/api/v1/lead/", headers=auth))
+                deadline = time.monotonic() + 10
+                while len(sim.state.api_log) < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                # `docker stop` sends SIGTERM to the container's first process: closeproxy
+                os.kill(descendant_named(process.pid, "closeproxy"), signal.SIGTERM)
+                resp = await asyncio.wait_for(pending, 20)
+                assert resp.status == 200
+                resp.release()
+            assert await asyncio.to_thread(process.wait, 40) == 0, server.logs
+        finally:
+            await asyncio.to_thread(server.stop)
+        assert "draining" in server.logs
+        shutil.rmtree(volume, ignore_errors=True)
+    finally:
+        buildah("rm", ctr)
