@@ -4,9 +4,12 @@
 #     -e CLOSEPROXY_PROXY_KEY=... -e CLOSEPROXY_CLIENT_ID=... -e CLOSEPROXY_CLIENT_SECRET=... closeproxy
 # Inside a container the proxy must listen on 0.0.0.0, so a proxy key is required: without
 # one `closeproxy serve` refuses to start (exit 2) rather than expose the account.
+# Scoped keys ([keys.NAME] tables, README "Scoped keys"): mount a config file and point
+# CLOSEPROXY_CONFIG at it; each key comes from its key_file or CLOSEPROXY_KEY_<NAME>.
 FROM python:3.11-slim
 
-RUN useradd --create-home --uid 10001 closeproxy \
+RUN groupadd --gid 10001 closeproxy \
+    && useradd --create-home --uid 10001 --gid 10001 closeproxy \
     && mkdir -m 0700 /data && chown closeproxy:closeproxy /data
 
 WORKDIR /src
@@ -14,8 +17,11 @@ COPY pyproject.toml README.md ./
 COPY closeproxy ./closeproxy
 RUN pip install --no-cache-dir . && rm -rf /src
 
-USER closeproxy
+# Numeric, so that a runtime can tell it is not root (Kubernetes runAsNonRoot).
+USER 10001:10001
 WORKDIR /home/closeproxy
+# The token file's path is not a secret (hadolint reads TOKEN in a name as one).
+# hadolint ignore=DL3064
 ENV CLOSEPROXY_HOST=0.0.0.0 \
     CLOSEPROXY_PORT=8730 \
     CLOSEPROXY_TOKEN_FILE=/data/tokens.json \

@@ -19,14 +19,14 @@ from .dashboard import PageTokens, Recent, RecentRequest
 from .errors import TokenStoreError
 from .guard import Guard, Handler
 from .login import login_advice
-from .logs import CURRENT_REQUEST_ID, REQUEST_ID, register_secret
+from .logs import CURRENT_REQUEST_ID, KEY_NAME, REQUEST_ID, register_secret
 from .metrics import Metrics, RefreshCounts
 from .oauth import DEFAULT_BACKOFF, OAuthClient
 from .pacing import ClientLimits
 from .proxy import API_PREFIX, Forwarder
 from .ratelimit import WAITED
 from .responses import ERROR_CODE, error_response
-from .services import KEY_NAME, SERVICES, Services
+from .services import SERVICES, Services
 from .store import TokenStore
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute
@@ -325,10 +325,12 @@ def create_app(
     browser_login: bool = True,
 ) -> web.Application:
     """The proxy; `browser_login=False` for one that dies with a command (`run`)."""
-    for secret in (settings.client_secret, settings.proxy_key):
+    for secret in (settings.client_secret, settings.proxy_key, *(k.key for k in settings.keys)):
         if secret is not None:
             register_secret(secret.reveal(), permanent=True)
-    guard = Guard(allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key)
+    guard = Guard(
+        allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key, keys=settings.keys
+    )
     metrics, recent = Metrics(), Recent()
     front = Front(guard, metrics, recent)
     app = web.Application(middlewares=[front.middleware])

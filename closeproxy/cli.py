@@ -19,7 +19,16 @@ from typing import Any
 
 from . import __version__, terminal_login
 from .app import client_session, oauth_client
-from .config import DEFAULT_PORT, OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
+from .config import (
+    DEFAULT_PORT,
+    OPTIONS,
+    OPTIONS_BY_NAME,
+    READ_ONLY_METHODS,
+    Settings,
+    load_settings,
+    parse_key_methods,
+    parse_key_paths,
+)
 from .errors import CloseProxyError, ConfigError
 from .login import retire_previous
 from .logs import setup_logging
@@ -42,6 +51,7 @@ COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
         name for name in _SERVE if name not in {"host", "port", "unix_socket", "proxy_key"}
     ),
     "demo": ("port", *_LOGGING),
+    "service": (),
 }
 ALIASES: dict[str, str] = {"logout": "revoke"}
 
@@ -279,9 +289,37 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             "nothing to run: give a command after --, e.g. `closeproxy run -- python sync.py`",
             setting="command",
         )
+    methods = None
+    if args.read_only and args.methods:
+        raise ConfigError(
+            "--read-only already means --methods GET,HEAD: give one of them", setting="methods"
+        )
+    if args.read_only:
+        methods = READ_ONLY_METHODS
+    elif args.methods:
+        methods = parse_key_methods(",".join(args.methods), "--methods")
+    paths = parse_key_paths(",".join(args.paths), "--paths") if args.paths else ()
     setup_logging(_quiet_level(settings), settings.log_format)
-    status: int = asyncio.run(run_command(settings, argv))
+    status: int = asyncio.run(run_command(settings, argv, methods=methods, paths=paths))
     return status
+
+
+def cmd_service(settings: Settings, args: argparse.Namespace) -> int:
+    from . import service
+
+    if args.action == "print":
+        outcome = service.Outcome(
+            [service.render_unit(settings).rstrip("\n")],
+            service.shell_notes(settings, os.environ),
+        )
+    elif args.action == "install":
+        outcome = service.install(settings)
+    else:
+        outcome = service.uninstall()
+    for note in outcome.notes:
+        print(f"closeproxy service: note: {note}", file=sys.stderr)
+    print("\n".join(outcome.out), flush=True)
+    return 0
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -368,8 +406,10 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         "run a command against a private proxy: closeproxy run -- CMD ARGS",
         "Start the proxy on a free loopback port with a fresh random proxy key and run "
         "CMD with CLOSE_API_URL, CLOSEPROXY_URL and CLOSE_API_KEY (that key) in its "
-        "environment, so a tool written for Close API keys works unchanged. Signals are "
-        "forwarded; the exit status is CMD's.",
+        "environment, so a tool written for Close API keys works unchanged. With "
+        "--read-only, --methods or --paths that key is limited to that scope (403 "
+        "key_not_allowed otherwise, and no admin routes). Signals are forwarded; the exit "
+        "status is CMD's.",
     ),
     "demo": (
         cmd_demo,
@@ -377,6 +417,15 @@ COMMANDS: dict[str, tuple[Command, str, str]] = {
         "Start the bundled Close simulator and a proxy logged in to it (port 8730 unless "
         "busy), and print curl commands to paste. No network or account needed; the "
         "demo's tokens live in a temporary directory.",
+    ),
+    "service": (
+        cmd_service,
+        "run the proxy as a systemd user service: install, print or uninstall its unit",
+        "`install` writes a systemd user unit for `closeproxy serve` with the current "
+        "config file to $XDG_CONFIG_HOME/systemd/user/closeproxy.service (default "
+        "~/.config/systemd/user) and prints the systemctl --user lines that enable and "
+        "start it; `print` only prints the unit; `uninstall` removes it. The service reads "
+        "its settings from the config file only.",
     ),
     "token": (
         cmd_token,
@@ -448,10 +497,35 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "run":
             sub.add_argument(
+                "--read-only",
+                action="store_true",
+                help="the child's key may only make GET and HEAD requests (no admin routes)",
+            )
+            sub.add_argument(
+                "--methods",
+                action="append",
+                metavar="GET,HEAD,...",
+                help="the child's key may only use these methods (comma-separated, "
+                "repeatable; no admin routes)",
+            )
+            sub.add_argument(
+                "--paths",
+                action="append",
+                metavar="/api/v1/lead/,...",
+                help="the child's key may only reach these path prefixes under /api/v1/ "
+                "(comma-separated, repeatable; no admin routes)",
+            )
+            sub.add_argument(
                 "argv",
                 nargs=argparse.REMAINDER,
                 metavar="-- CMD ARGS",
                 help="the command to run and its arguments",
+            )
+        if name == "service":
+            sub.add_argument(
+                "action",
+                choices=("install", "print", "uninstall"),
+                help="install the unit, print it, or uninstall it",
             )
         if name == "demo":
             sub.add_argument(

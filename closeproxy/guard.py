@@ -10,13 +10,17 @@ import base64
 import binascii
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
 
 from aiohttp import HttpVersion10, web
+from multidict import CIMultiDictProxy
 
-from .config import LOOPBACK_NAMES, Secret
+from .config import LOOPBACK_NAMES, PROXY_KEY_NAME, ScopedKey, Secret
+from .logs import KEY_NAME
+from .proxy import API_PREFIX
 from .responses import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,6 +39,25 @@ _PATH_OK = re.compile(r"(?:[!-$&-\[\]-~]|%[0-9A-Fa-f]{2})*")
 _QUERY_OK = re.compile(r"[!-~]*")
 _HOST_RE = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?")
 _DECODE_ROUNDS = 3
+# For a scoped key, an encoded / . or \\ could make Close see another path than the one
+# its prefixes were checked against: refused outright, at any depth of encoding.
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[eEfF]|5[cC])")
+# Headers through which a request asks Close to treat it as another method.
+METHOD_OVERRIDES: tuple[str, ...] = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """The key a request presented: its name (for logs and metrics), never its value.
+
+    `scoped` is None for the proxy key, which may use every route.
+    """
+
+    name: str
+    scoped: ScopedKey | None = None
+
+
+REQUEST_KEY = web.RequestKey("request_key", RequestKey)
 
 
 def check_target(path: str, query: str) -> str | None:
@@ -90,13 +113,26 @@ def _presented_key(authorization: str) -> str | None:
 class Guard:
     """The middleware that refuses what the proxy must not serve."""
 
-    def __init__(self, *, allowed_hosts: tuple[str, ...], proxy_key: Secret | None) -> None:
+    def __init__(
+        self,
+        *,
+        allowed_hosts: tuple[str, ...],
+        proxy_key: Secret | None,
+        keys: Sequence[ScopedKey] = (),
+    ) -> None:
         self.allowed_hosts: frozenset[str] = LOOPBACK_NAMES | frozenset(allowed_hosts)
         self._key = proxy_key.reveal().encode() if proxy_key is not None else None
+        # Every key, each with what it is: the proxy key first, then the scoped ones.
+        self._keys: tuple[tuple[bytes, RequestKey], ...] = (
+            ((self._key, RequestKey(PROXY_KEY_NAME)),) if self._key is not None else ()
+        ) + tuple((k.key.reveal().encode(), RequestKey(k.name, k)) for k in keys)
 
     def __repr__(self) -> str:
         key = "[secure]" if self._key else None
-        return f"Guard(allowed_hosts={sorted(self.allowed_hosts)!r}, proxy_key={key})"
+        names = [who.name for _, who in self._keys if who.scoped is not None]
+        return (
+            f"Guard(allowed_hosts={sorted(self.allowed_hosts)!r}, proxy_key={key}, keys={names!r})"
+        )
 
     def check(self, request: web.Request) -> web.StreamResponse | None:
         """The refusal for this request, or None to let it through."""
@@ -146,14 +182,8 @@ class Guard:
                 "cross-site browser requests are refused: a web page may not use your "
                 "Close account through this proxy",
             )
-        if self._key is not None and path not in KEYLESS_PATHS and not self._key_ok(request):
-            return error_response(
-                401,
-                "proxy_key_required",
-                "this proxy needs its key: send it as the API key (Basic user name) or as "
-                "Authorization: Bearer KEY",
-                headers={"WWW-Authenticate": 'Basic realm="closeproxy", charset="UTF-8"'},
-            )
+        if self._keys and path not in KEYLESS_PATHS:
+            return self._key_check(request, path)
         return None
 
     def _cross_site(self, request: web.Request) -> bool:
@@ -182,12 +212,81 @@ class Guard:
         default = DEFAULT_PORTS.get(scheme)
         return (theirs.group("port") or default) == (ours.group("port") or default)
 
-    def _key_ok(self, request: web.Request) -> bool:
-        assert self._key is not None
+    def _key_check(self, request: web.Request, path: str) -> web.StreamResponse | None:
+        """Who presented which key, and whether that key may make this request."""
+        who = self._key_ok(request)
+        if who is None:
+            return error_response(
+                401,
+                "proxy_key_required",
+                "this proxy needs a key: send the proxy key (or a key from a [keys.NAME] "
+                "table) as the API key (Basic user name) or as Authorization: Bearer KEY",
+                headers={"WWW-Authenticate": 'Basic realm="closeproxy", charset="UTF-8"'},
+            )
+        request[REQUEST_KEY] = who
+        request[KEY_NAME] = who.name
+        if who.scoped is None:
+            return None
+        return scope_refusal(who.scoped, request.method, request.headers, path)
+
+    def _key_ok(self, request: web.Request) -> RequestKey | None:
         values = request.headers.getall("Authorization", ())
         if len(values) != 1:
-            return False
+            return None
         presented = _presented_key(values[0])
         if presented is None:
-            return False
-        return hmac.compare_digest(presented.encode(), self._key)
+            return None
+        given = presented.encode()
+        found: RequestKey | None = None
+        for value, who in self._keys:  # every key compared, in constant time each
+            if hmac.compare_digest(given, value) and found is None:
+                found = who
+        return found
+
+
+def scope_refusal(
+    key: ScopedKey, method: str, headers: CIMultiDictProxy[str], path: str
+) -> web.StreamResponse | None:
+    """Why `key` may not make this request, or None. `path` is the raw path (no query)."""
+    if not path.startswith(API_PREFIX):
+        # Data-driven: whatever is not the API (the admin routes, /metrics, and any route
+        # added later) takes the proxy key.
+        return _not_allowed(key, f"use {path} (the admin routes and /metrics take the proxy key)")
+    decoded = path
+    for _ in range(_DECODE_ROUNDS + 1):
+        if _ENCODED_SEPARATOR.search(decoded):
+            return error_response(
+                400,
+                "bad_path",
+                f"key {key.name!r} is limited to some paths, so its requests may not "
+                "percent-encode /, . or \\ in the path: send them unencoded",
+            )
+        if "%" not in decoded:
+            break
+        decoded = unquote(decoded, errors="replace")
+    # A method override's value is the client's text: only a short piece of it is quoted.
+    asked = [
+        method,
+        *(v.strip().upper()[:16] for n in METHOD_OVERRIDES for v in headers.getall(n, ())),
+    ]
+    if key.methods is not None:
+        for wanted in asked:
+            if wanted not in key.methods:
+                return _not_allowed(key, f"make {wanted} requests")
+    if key.paths and not any(within(decoded, prefix) for prefix in key.paths):
+        return _not_allowed(key, f"reach {path}")
+    return None
+
+
+def within(path: str, prefix: str) -> bool:
+    """True when `path` lies at or under `prefix` (which ends in /), whole segments only."""
+    return path == prefix[:-1] or path.startswith(prefix)
+
+
+def _not_allowed(key: ScopedKey, why: str) -> web.Response:
+    return error_response(
+        403,
+        "key_not_allowed",
+        f"key {key.name!r} may not {why}: it may only make {key.scope()}; use a key "
+        "whose scope allows it",
+    )

@@ -28,6 +28,8 @@ REDACTED = "[secure]"
 REQUEST_ID = web.RequestKey("request_id", str)
 # The id of the request being handled; tasks started meanwhile (a refresh) inherit it.
 CURRENT_REQUEST_ID: ContextVar[str | None] = ContextVar("closeproxy_request_id", default=None)
+# The name of the key a request presented ("proxy", a [keys.NAME] name, "run"): never the key.
+KEY_NAME = web.RequestKey("key_name", str)
 _MAX_SECRETS = 64
 # Rotating tokens: the newest few. Long-lived secrets (client secret, proxy key) are
 # kept apart so that no number of refreshes can push them out.
@@ -49,6 +51,7 @@ _EXTRA_FIELDS: tuple[str, ...] = (
     "bytes",
     "duration_ms",
     "remote",
+    "key",
 )
 
 
@@ -171,13 +174,14 @@ class AccessLogger(AbstractAccessLogger):
             # The login callback's query is a one-time code and its state: not for any log.
             path = path.partition("?")[0] + "?" + REDACTED
         self.logger.info(
-            '%s "%s %s" %d %d %.1fms',
+            '%s "%s %s" %d %d %.1fms key=%s',
             request.remote,
             request.method,
             path,
             response.status,
             response.body_length,
             time * 1000,
+            request.get(KEY_NAME, "-"),
             extra={
                 "request_id": request.get(REQUEST_ID),
                 "method": request.method,
@@ -186,6 +190,7 @@ class AccessLogger(AbstractAccessLogger):
                 "bytes": response.body_length,
                 "duration_ms": round(time * 1000, 1),
                 "remote": request.remote,
+                "key": request.get(KEY_NAME),
             },
         )
 

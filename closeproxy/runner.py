@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from .config import Secret, Settings
+from .config import PROXY_KEY_NAME, ScopedKey, Secret, Settings
 from .errors import CloseProxyError
 from .server import running, warn_at_start
 
@@ -54,10 +54,33 @@ def _terminal_delivers_sigint() -> bool:
         return False
 
 
-async def run_command(settings: Settings, argv: Sequence[str]) -> int:
-    """Serve on a free loopback port with a fresh key, run `argv`, return its exit status."""
+RUN_KEY_NAME = "run"
+
+
+async def run_command(
+    settings: Settings,
+    argv: Sequence[str],
+    *,
+    methods: frozenset[str] | None = None,
+    paths: tuple[str, ...] = (),
+) -> int:
+    """Serve on a free loopback port with a fresh key, run `argv`, return its exit status.
+
+    With `methods` or `paths` the key is scoped (`run --read-only`): the child gets no
+    proxy key at all, so it cannot use the admin routes either. The config file's
+    [keys.NAME] are not served here: this proxy is the child's alone.
+    """
     key = secrets.token_urlsafe(32)
-    private = replace(settings, host="127.0.0.1", port=0, unix_socket=None, proxy_key=Secret(key))
+    scoped = methods is not None or bool(paths)
+    private = replace(
+        settings,
+        host="127.0.0.1",
+        port=0,
+        unix_socket=None,
+        proxy_key=None if scoped else Secret(key),
+        keys=(ScopedKey(RUN_KEY_NAME, Secret(key), methods, paths),) if scoped else (),
+    )
+    assert RUN_KEY_NAME != PROXY_KEY_NAME
     async with running(private, browser_login=False) as where:
         warn_at_start(private, browser_login=False, proxy_url=where.url)
         try:

@@ -287,6 +287,8 @@ async def serve(
         async with running(settings) as where:
             on_ready(where)
             log.info("proxy for %s listening on %s", settings.api_url, where.url)
+            for scoped in settings.keys:
+                log.info("key %r may make %s", scoped.name, scoped.scope())
             warn_at_start(
                 settings,
                 browser_login=True,

@@ -40,4 +40,3 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 # Set on a request by the features that know them (rate limiting, scoped keys), shown in
 # the dashboard's table of recent requests: seconds waited, and the name of the key used.
-KEY_NAME = web.RequestKey("key_name", str)
