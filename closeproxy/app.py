@@ -277,7 +277,7 @@ class Front:
             metrics.in_flight -= 1
             elapsed = time.perf_counter() - started
             method = request.method
-            metrics.request_done(method, status, elapsed)
+            metrics.request_done(method, status, elapsed, request.get(KEY_NAME))
             self._recent.add(
                 RecentRequest(
                     time.time(),

@@ -119,11 +119,11 @@ class _RequestCollector(Collector):
         m = self._metrics
         requests = CounterMetricFamily(
             "closeproxy_requests",
-            "Proxied /api/v1/ requests, by method and response status.",
-            labels=["method", "status"],
+            "Proxied /api/v1/ requests, by method, response status and key name.",
+            labels=["method", "status", "key"],
         )
-        for (method, status), count in sorted(m.request_counts.items()):
-            requests.add_metric([method, str(status)], count)
+        for (method, status, key), count in sorted(m.request_counts.items()):
+            requests.add_metric([method, str(status), key], count)
         yield requests
         duration = HistogramMetricFamily(
             "closeproxy_request_duration_seconds",
@@ -161,7 +161,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.in_flight = 0
-        self.request_counts: dict[tuple[str, int], int] = {}
+        # (method, status, key name): key names come from the configuration, a bounded set.
+        self.request_counts: dict[tuple[str, int, str], int] = {}
         self.durations: dict[str, _Histogram] = {}
         self.upstream_durations = _Histogram()
         self.error_counts: dict[str, int] = {}
@@ -194,11 +195,17 @@ class Metrics:
         """Register the scrape-time collector of a token provider's counts."""
         self.registry.register(_ProviderCollector(refreshes, expiry))
 
-    def request_done(self, method: str, status: int, seconds: float) -> None:
-        """One proxied request answered; `method` is folded into METHODS or "other"."""
+    def request_done(
+        self, method: str, status: int, seconds: float, key_name: str | None = None
+    ) -> None:
+        """One proxied request answered; `method` is folded into METHODS or "other".
+
+        `key_name` is the configured name of the key it presented ("proxy", a [keys.NAME]
+        table, "run"), never the key; "-" for none.
+        """
         if method not in METHODS:
             method = OTHER
-        key = (method, status)
+        key = (method, status, key_name or "-")
         counts = self.request_counts
         counts[key] = counts.get(key, 0) + 1
         histogram = self.durations.get(method)

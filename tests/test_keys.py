@@ -433,3 +433,29 @@ def test_run_with_a_bad_scope_is_a_usage_error(
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert problem in line, line
+
+
+async def test_metrics_count_requests_by_key_name_never_the_key(
+    sim: RunningSim, token_file: Path, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    seed_tokens(sim, token_file)
+    async with keyed_proxy(sim, token_file, tmp_path) as port:
+        for _ in range(2):
+            assert (await send(port, "GET", "/api/v1/lead/", basic(REPORTS_KEY))).status == 200
+        assert (await send(port, "POST", "/api/v1/lead/", basic(REPORTS_KEY))).status == 403
+        assert (await send(port, "GET", "/api/v1/me/", f"Bearer {PROXY_KEY}")).status == 200
+        scraped = await send(port, "GET", "/metrics", f"Bearer {PROXY_KEY}")
+    assert scraped.status == 200
+    text = scraped.body.decode()
+    assert REPORTS_KEY not in text and PROXY_KEY not in text
+    counts = {
+        (sample.labels["method"], sample.labels["status"], sample.labels["key"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "closeproxy_requests"
+        for sample in family.samples
+        if sample.name == "closeproxy_requests_total"
+    }
+    assert counts[("GET", "200", "reports")] == 2
+    assert counts[("GET", "200", "proxy")] == 1

@@ -58,7 +58,9 @@ async def scrape(client: aiohttp.ClientSession, proxy: Proxy, **headers: str) ->
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum over `name`'s samples whose labels include `labels` (others may differ)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
 
 
 async def test_every_named_metric_is_exposed_and_parses(
