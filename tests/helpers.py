@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -248,3 +248,49 @@ async def run_cli_async(
         raise
     assert process.returncode is not None
     return CliResult(process.returncode, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def provider_against_token_endpoint(
+    token_file: Path, reply: Callable[[Any], Awaitable[Any]]
+) -> AsyncIterator[Any]:
+    """A TokenProvider holding expired tokens, talking to a one-route token endpoint.
+
+    `reply` answers POST /oauth2/token/: for replies the simulator would never give.
+    """
+    from aiohttp import web
+
+    from closeproxy.app import client_session, oauth_client
+    from closeproxy.tokens import TokenProvider
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token/", reply)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        now = time.time()
+        TokenStore(token_file).save(
+            TokenSet(
+                access_token="acc-1",
+                refresh_token="ref-1",
+                expires_at=now - 5,
+                obtained_at=now - 3600,
+                api_url=url,
+            )
+        )
+        settings = load_settings(
+            {"api_url": url, "client_id": "c", "token_file": str(token_file)},
+            {"CLOSEPROXY_CLIENT_SECRET": "s"},
+        )
+        async with client_session() as session:
+            provider = TokenProvider(
+                TokenStore(token_file), oauth_client(settings, session), margin=300, api_url=url
+            )
+            try:
+                yield provider
+            finally:
+                await provider.aclose()
+    finally:
+        await runner.cleanup()

@@ -11,17 +11,22 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import FAST_BACKOFF, make_settings, proxy_env, run_cli_async, seed_tokens
+from helpers import (
+    FAST_BACKOFF,
+    make_settings,
+    provider_against_token_endpoint,
+    proxy_env,
+    run_cli_async,
+    seed_tokens,
+)
 
-from closeproxy.app import client_session, oauth_client
-from closeproxy.config import load_settings
+from closeproxy.app import client_session
 from closeproxy.errors import LoginRequired, TokenServiceUnavailable, TokenStoreError
 from closeproxy.oauth import OAuthClient
 from closeproxy.server import running
@@ -357,35 +362,8 @@ async def test_an_unusable_200_to_a_refresh_does_not_claim_the_tokens_are_kept(
     async def token(request: web.Request) -> web.Response:
         return web.json_response({"refresh_token": "ref-2"})  # no access token
 
-    app = web.Application()
-    app.router.add_post("/oauth2/token/", token)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        now = time.time()
-        TokenStore(token_file).save(
-            TokenSet(
-                access_token="acc-1",
-                refresh_token="ref-1",
-                expires_at=now - 5,
-                obtained_at=now - 3600,
-                api_url=url,
-            )
-        )
-        settings = load_settings(
-            {"api_url": url, "client_id": "c", "token_file": str(token_file)},
-            {"CLOSEPROXY_CLIENT_SECRET": "s"},
-        )
-        async with client_session() as session:
-            provider = TokenProvider(
-                TokenStore(token_file), oauth_client(settings, session), margin=300, api_url=url
-            )
-            with pytest.raises(TokenServiceUnavailable) as caught:
-                await provider.current()
-            await provider.aclose()
-    finally:
-        await runner.cleanup()
+    async with provider_against_token_endpoint(token_file, token) as provider:
+        with pytest.raises(TokenServiceUnavailable) as caught:
+            await provider.current()
     assert "may already have spent" in str(caught.value)
     assert "kept" not in str(caught.value)

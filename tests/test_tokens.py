@@ -14,13 +14,13 @@ from helpers import (
     Proxy,
     ProxyFactory,
     make_settings,
+    provider_against_token_endpoint,
     proxy_env,
     run_cli_async,
     seed_tokens,
 )
 
 from closeproxy.app import client_session, oauth_client
-from closeproxy.config import load_settings
 from closeproxy.errors import TokenStoreError
 from closeproxy.server import running
 from closeproxy.sim import RunningSim, run_sim
@@ -281,34 +281,8 @@ async def test_a_quirky_but_successful_token_reply_still_keeps_the_new_refresh_t
             }
         )
 
-    app = web.Application()
-    app.router.add_post("/oauth2/token/", token)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        now = time.time()
-        TokenStore(token_file).save(
-            TokenSet(
-                access_token="acc-1",
-                refresh_token="ref-1",
-                expires_at=now - 5,
-                obtained_at=now - 3600,
-                api_url=url,
-            )
-        )
-        settings = load_settings(
-            {"api_url": url, "client_id": "c", "token_file": str(token_file)},
-            {"CLOSEPROXY_CLIENT_SECRET": "s"},
-        )
-        async with client_session() as session:
-            provider = TokenProvider(
-                TokenStore(token_file), oauth_client(settings, session), margin=300, api_url=url
-            )
-            fresh = await provider.current()
-    finally:
-        await runner.cleanup()
+    async with provider_against_token_endpoint(token_file, token) as provider:
+        fresh = await provider.current()
     assert fresh.access_token == "acc-2"
     assert stored(token_file).refresh_token == "ref-2"
     assert 3500 < stored(token_file).expires_in() <= 3600
