@@ -149,13 +149,9 @@ def typed_handlers(kind: str) -> dict[str, Any]:
 
     async def update(request: web.Request, call: ApiCall) -> web.StreamResponse:
         org = call.state.org
-        user_id = call.state.config.user_id
         fields = v.validated(await json_object(call.body), _checks(org, kind))
         record = _activity(call, request.match_info["activity_id"], kind)
-        previous = dict(record)
-        record.update(fields)
-        org.stamp_update(shape(org, record), user_id)
-        org.updated("activities", record, previous, user_id=user_id)
+        org.update("activities", record, fields, user_id=call.state.config.user_id, shape=shape)
         return web.json_response(record)
 
     async def delete(request: web.Request, call: ApiCall) -> web.StreamResponse:

@@ -109,13 +109,9 @@ async def opportunity_get(request: web.Request, call: ApiCall) -> web.StreamResp
 
 async def opportunity_update(request: web.Request, call: ApiCall) -> web.StreamResponse:
     org = call.state.org
-    user_id = call.state.config.user_id
     fields = v.validated(await json_object(call.body), _checks(org))
     record = _opportunity(call, request.match_info["opportunity_id"])
-    previous = dict(record)
-    record.update(fields)
-    org.stamp_update(shape(org, record), user_id)
-    org.updated("opportunities", record, previous, user_id=user_id)
+    org.update("opportunities", record, fields, user_id=call.state.config.user_id, shape=shape)
     return web.json_response(record)
 
 

@@ -14,7 +14,7 @@ import contextvars
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,22 @@ class Organization:
         )
         self.save()
         return record
+
+    def update(
+        self,
+        collection: str,
+        record: Record,
+        fields: Record,
+        *,
+        user_id: str | None,
+        shape: Callable[[Organization, Record], Record],
+    ) -> Record:
+        """A validated partial update, as Close's PUT does: fields not sent are kept, the
+        record is re-shaped and stamped, and the change goes into the event log."""
+        previous = dict(record)
+        record.update(fields)
+        self.stamp_update(shape(self, record), user_id)
+        return self.updated(collection, record, previous, user_id=user_id)
 
     def deleted(self, collection: str, record: Record, *, user_id: str | None) -> None:
         self.collection(collection).remove(record["id"])

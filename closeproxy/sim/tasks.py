@@ -84,13 +84,9 @@ async def task_get(request: web.Request, call: ApiCall) -> web.StreamResponse:
 
 async def task_update(request: web.Request, call: ApiCall) -> web.StreamResponse:
     org = call.state.org
-    user_id = call.state.config.user_id
     fields = v.validated(await json_object(call.body), _checks(org))
     record = _task(call, request.match_info["task_id"])
-    previous = dict(record)
-    record.update(fields)
-    org.stamp_update(shape(org, record), user_id)
-    org.updated("tasks", record, previous, user_id=user_id)
+    org.update("tasks", record, fields, user_id=call.state.config.user_id, shape=shape)
     return web.json_response(record)
 
 
