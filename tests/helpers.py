@@ -294,3 +294,17 @@ async def provider_against_token_endpoint(
                 await provider.aclose()
     finally:
         await runner.cleanup()
+
+
+async def start_demo(*args: str) -> asyncio.subprocess.Process:
+    """`closeproxy demo ARGS` in its own process, stdout and stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "demo",
+        *args,
+        env=cli_env({}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )

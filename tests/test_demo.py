@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 
 import aiohttp
-from helpers import cli_env
+from helpers import start_demo
 
 
 async def test_demo_serves_the_api_within_seconds() -> None:
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "closeproxy",
-        "demo",
-        "--port",
-        "0",
-        "--exit-after",
-        "20",
-        env=cli_env({}),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_demo("--port", "0", "--exit-after", "20")
     assert process.stdout is not None
     url = None
     printed = ""
@@ -63,21 +50,7 @@ async def _demo_url(process: asyncio.subprocess.Process) -> str:
 
 
 async def _seeded_leads(seed: str) -> tuple[int, list[str]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "closeproxy",
-        "demo",
-        "--port",
-        "0",
-        "--seed",
-        seed,
-        "--exit-after",
-        "30",
-        env=cli_env({}),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_demo("--port", "0", "--seed", seed, "--exit-after", "30")
     try:
         url = await _demo_url(process)
         async with (
@@ -102,17 +75,7 @@ async def test_demo_seed_serves_the_same_organization_every_time() -> None:
 
 
 async def test_demo_refuses_a_seed_that_is_not_a_number() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "closeproxy",
-        "demo",
-        "--seed",
-        "many",
-        env=cli_env({}),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_demo("--seed", "many")
     _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 2
     assert "--seed" in err.decode() and "whole number" in err.decode()

@@ -25,6 +25,7 @@ from helpers import (
     run_cli,
     run_cli_async,
     seed_tokens,
+    start_demo,
     start_serve,
 )
 
@@ -95,19 +96,7 @@ async def test_status_says_how_long_ago_the_token_expired(
 @pytest.fixture
 async def demo() -> AsyncIterator[tuple[str, str, str]]:
     """`closeproxy demo` running: (proxy URL, simulator URL, the export line's config path)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "closeproxy",
-        "demo",
-        "--port",
-        "0",
-        "--exit-after",
-        "120",
-        env=cli_env({}),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_demo("--port", "0", "--exit-after", "120")
     assert process.stdout is not None
     printed = ""
     try:

@@ -6,14 +6,13 @@ import asyncio
 import io
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import Proxy, ProxyFactory, cli_env, seed_tokens
+from helpers import Proxy, ProxyFactory, cli_env, seed_tokens, start_demo
 
 from closeproxy.ratelimit import WAIT_HEADER
 from closeproxy.sim import RunningSim
@@ -343,19 +342,7 @@ async def test_status_shows_the_group_and_the_log_one_line_per_wait_without_secr
 
 
 async def test_demo_prints_a_curl_loop_that_passes_only_through_the_proxy() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "closeproxy",
-        "demo",
-        "--port",
-        "0",
-        "--exit-after",
-        "60",
-        env=cli_env({}),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_demo("--port", "0", "--exit-after", "60")
     assert process.stdout is not None
     loops: list[str] = []
     try:
