@@ -308,3 +308,16 @@ async def start_demo(*args: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def start_refresh(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """`closeproxy refresh` in its own process: stdout dropped, stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "closeproxy",
+        "refresh",
+        env=cli_env(env),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )

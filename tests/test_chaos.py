@@ -14,14 +14,13 @@ import contextlib
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import ServeProcess, cli_env, proxy_env, seed_tokens, start_serve
+from helpers import ServeProcess, proxy_env, seed_tokens, start_refresh, start_serve
 
 from closeproxy.sim import RunningSim
 from closeproxy.store import TokenStore
@@ -80,15 +79,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
 
     async def refresh_loop() -> None:
         while not stop.is_set():
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "closeproxy",
-                "refresh",
-                env=cli_env(env),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            process = await start_refresh(env)
             cli[0] = process
             _, err = await process.communicate()
             cli[0] = None

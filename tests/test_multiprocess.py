@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
-from helpers import ServeProcess, cli_env, proxy_env, run_cli_async, seed_tokens, start_serve
+from helpers import (
+    ServeProcess,
+    proxy_env,
+    run_cli_async,
+    seed_tokens,
+    start_refresh,
+    start_serve,
+)
 
 from closeproxy.sim import RunningSim
 from closeproxy.store import TokenStore
@@ -24,15 +30,7 @@ LIFETIME = 2.0
 
 async def _refresh_loop(env: dict[str, str], stop: asyncio.Event, codes: list[int]) -> list[int]:
     while not stop.is_set():
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "closeproxy",
-            "refresh",
-            env=cli_env(env),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await start_refresh(env)
         _, err = await process.communicate()
         assert process.returncode == 0, err.decode()
         codes.append(process.returncode)

@@ -79,10 +79,18 @@ def group_limits(value: object) -> dict[str, int]:
     return limits
 
 
-def separator(value: object) -> str:
-    if not isinstance(value, str) or value not in RATE_LIMIT_SEPARATORS:
-        raise ValueError(f"expected one of {sorted(RATE_LIMIT_SEPARATORS)}")
-    return value
+def one_of(choices: frozenset[str]) -> Callable[[object], str]:
+    """A knob parser accepting one of `choices`."""
+
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"expected one of {sorted(choices)}")
+        return value
+
+    return parse
+
+
+separator = one_of(RATE_LIMIT_SEPARATORS)
 
 
 # Knobs living on SimConfig, read live so they can change while the simulator runs.

@@ -23,7 +23,14 @@ from typing import Any, Literal, get_args
 from aiohttp import web
 
 from closeproxy.sim import seed
-from closeproxy.sim.config import CONFIG_KNOBS, SimConfig, boolean, nonneg_float, nonneg_int
+from closeproxy.sim.config import (
+    CONFIG_KNOBS,
+    SimConfig,
+    boolean,
+    nonneg_float,
+    nonneg_int,
+    one_of,
+)
 from closeproxy.sim.leads import Leads
 from closeproxy.sim.org import DataFileError, Organization
 from closeproxy.sim.ratelimit import GroupStats, RateLimiter
@@ -101,10 +108,7 @@ def s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def _token_mode(value: object) -> str:
-    if not isinstance(value, str) or value not in TOKEN_MODES:
-        raise ValueError(f"expected one of {sorted(TOKEN_MODES)}")
-    return value
+_token_mode = one_of(TOKEN_MODES)
 
 
 # Knobs living on SimState; each parser validates a JSON value from /_sim/control.
