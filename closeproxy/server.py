@@ -138,11 +138,24 @@ class Admission:
         self._server = server
         self.budget = budget
         self.lingering = 0  # refused connections still open (they use the reserve)
+        # Handlers handed out whose connection_made has not run yet. asyncio accepts a
+        # whole backlog in one go and calls this factory for each before any of them is
+        # counted in server.connections: without this, a burst of idle clients is all
+        # admitted, and the reserve the refusals need is gone.
+        self._pending = 0
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self._server.connections) < self.budget:
-            return self._server()
-        return _Refusal(self)
+        if len(self._server.connections) + self._pending >= self.budget:
+            return _Refusal(self)
+        self._pending += 1
+        # The transport schedules connection_made right after this returns; a callback
+        # that schedules another one runs after it, in the next turn of the loop.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._settled)
+        return self._server()
+
+    def _settled(self) -> None:
+        self._pending -= 1
 
 
 class _Refusal(asyncio.Protocol):

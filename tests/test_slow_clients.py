@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from helpers import (
     seed_tokens,
 )
 
+from closeproxy.server import client_budget
 from closeproxy.sim import RunningSim
 
 
@@ -318,8 +320,10 @@ async def test_near_the_open_file_limit_new_clients_are_refused_at_once(
     idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(200)]
     try:
         reader, writer = await open_raw(server.port, get_request("/api/v1/me/", server.port))
-        status, doc = await read_response(reader, 3)
-        writer.transport.abort()
+        try:
+            status, doc = await read_response(reader, 3)
+        finally:
+            writer.transport.abort()
     finally:
         for _, idle_writer in idle:
             idle_writer.transport.abort()
@@ -332,3 +336,35 @@ async def test_near_the_open_file_limit_new_clients_are_refused_at_once(
         return answer.status == 200
 
     await wait_until(served)
+
+
+async def test_a_burst_of_idle_clients_is_admitted_only_up_to_the_budget(
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+) -> None:
+    """Clients that queue up while the proxy is busy are accepted in one go: only as many
+    as the budget allows may stay, the rest are refused, so the reserve stays free."""
+    seed_tokens(sim, token_file)
+    server = await asyncio.to_thread(
+        serve_with_open_files, proxy_env(sim, token_file), 160, 160, "--upstream-connections", "16"
+    )
+    serve_processes.append(server)
+    budget = client_budget(160, 16)
+    server.process.send_signal(signal.SIGSTOP)  # the burst waits in the listen queue
+    try:
+        burst = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(120)]
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    try:
+
+        async def refused(reader: asyncio.StreamReader) -> bool:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    return b" 503 " in await reader.readline()
+            return False
+
+        answers = await asyncio.gather(*(refused(reader) for reader, _ in burst))
+    finally:
+        for _, writer in burst:
+            writer.transport.abort()
+    assert answers.count(False) <= budget
+    assert answers.count(True) >= len(burst) - budget
