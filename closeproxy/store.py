@@ -16,127 +16,14 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .errors import TokenStoreError
+from .grant import FILE_VERSION, LOCK_TIMEOUT, TokenSet
 
-FILE_VERSION = 1
-# Longer than a holder may wait for Close to answer a refresh (oauth.REFRESH_REPLY_TIMEOUT):
-# a slow Close is not a stuck process.
-LOCK_TIMEOUT = 330.0
-
-
-@dataclass(frozen=True)
-class TokenSet:
-    """One grant as stored: the tokens, who they belong to and when they expire."""
-
-    access_token: str
-    refresh_token: str | None
-    expires_at: float  # seconds since the epoch, computed from the local receipt time
-    obtained_at: float
-    scope: str = ""
-    organization_id: str = ""
-    user_id: str = ""
-    token_type: str = "Bearer"  # noqa: S105 - a scheme name, not a password
-    api_url: str = ""
-    # Set when Close answered invalid_grant: the grant is dead, nobody may try it again.
-    refresh_rejected: str | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"TokenSet(access_token='[secure]', refresh_token="
-            f"{'[secure]' if self.refresh_token else None!r}, expires_at={self.expires_at!r}, "
-            f"organization_id={self.organization_id!r}, user_id={self.user_id!r}, "
-            f"refresh_rejected={self.refresh_rejected!r})"
-        )
-
-    @property
-    def lifetime(self) -> float:
-        return self.expires_at - self.obtained_at
-
-    def expires_in(self, now: float | None = None) -> float:
-        return self.expires_at - (time.time() if now is None else now)
-
-    def rejected(self, reason: str) -> TokenSet:
-        return replace(self, refresh_rejected=reason)
-
-    @classmethod
-    def from_reply(
-        cls,
-        reply: Mapping[str, Any],
-        *,
-        received_at: float,
-        api_url: str,
-        previous: TokenSet | None = None,
-    ) -> TokenSet:
-        """Build from a token endpoint reply already checked by oauth.parse_token_reply."""
-        expires_in = float(reply.get("expires_in") or 3600)
-        refresh = reply.get("refresh_token")
-        # A reply without a new refresh token leaves the old one in force (RFC 6749 §6).
-        if not refresh and previous is not None:
-            refresh = previous.refresh_token
-        return cls(
-            access_token=str(reply["access_token"]),
-            refresh_token=str(refresh) if refresh else None,
-            expires_at=received_at + expires_in,
-            obtained_at=received_at,
-            scope=str(reply.get("scope") or (previous.scope if previous else "")),
-            organization_id=str(
-                reply.get("organization_id") or (previous.organization_id if previous else "")
-            ),
-            user_id=str(reply.get("user_id") or (previous.user_id if previous else "")),
-            token_type=str(reply.get("token_type") or "Bearer"),
-            api_url=api_url,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": FILE_VERSION,
-            "access_token": self.access_token,
-            "refresh_token": self.refresh_token,
-            "token_type": self.token_type,
-            "scope": self.scope,
-            "organization_id": self.organization_id,
-            "user_id": self.user_id,
-            "expires_at": self.expires_at,
-            "obtained_at": self.obtained_at,
-            "api_url": self.api_url,
-            "refresh_rejected": self.refresh_rejected,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> TokenSet:
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        if data.get("version") != FILE_VERSION:
-            raise ValueError(f"it is not version {FILE_VERSION}")
-        access = data.get("access_token")
-        if not isinstance(access, str) or not access:
-            raise ValueError("no access_token")
-        refresh = data.get("refresh_token")
-        if refresh is not None and not isinstance(refresh, str):
-            raise ValueError("refresh_token is not a string")
-        try:
-            expires_at = float(data["expires_at"])
-            obtained_at = float(data.get("obtained_at", expires_at))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("expires_at missing or not a number") from None
-        rejected = data.get("refresh_rejected")
-        return cls(
-            access_token=access,
-            refresh_token=refresh or None,
-            expires_at=expires_at,
-            obtained_at=obtained_at,
-            scope=str(data.get("scope") or ""),
-            organization_id=str(data.get("organization_id") or ""),
-            user_id=str(data.get("user_id") or ""),
-            token_type=str(data.get("token_type") or "Bearer"),
-            api_url=str(data.get("api_url") or ""),
-            refresh_rejected=str(rejected) if rejected else None,
-        )
+__all__ = ["FILE_VERSION", "LOCK_TIMEOUT", "Fingerprint", "TokenSet", "TokenStore"]
 
 
 class Fingerprint(NamedTuple):
