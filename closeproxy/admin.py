@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import __version__, dashboard
-from .errors import CloseProxyError, ConfigError, ServiceError
+from .errors import CloseProxyError, ConfigError, ServiceError, TokenStoreError
 from .guard import CALLBACK_PATH
 from .login import (
     PAGE_HEADERS,
@@ -28,17 +29,19 @@ from .login import (
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .responses import error_response, json_response, service_error_response
+from .revoke import revoke
 from .services import SERVICES, Services
-from .tokens import status_document
+from .status import status_document
+from .tokens import FORCE
 
 log = logging.getLogger("closeproxy.admin")
 
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
-def status(services: Services) -> dict[str, Any]:
+async def status(services: Services) -> dict[str, Any]:
     """`closeproxy status --json` plus what this process has counted."""
-    tokens = services.provider.snapshot()
+    tokens = await services.provider.snapshot()
     doc = status_document(tokens, services.store)
     if tokens is not None:
         doc["last_refresh"] = datetime.fromtimestamp(tokens.obtained_at, UTC).isoformat(
@@ -65,13 +68,16 @@ async def healthz(request: web.Request) -> web.Response:
 async def admin_status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
-        return json_response(status(services))
+        return json_response(await status(services))
     except ServiceError as exc:
         return service_error_response(exc)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[SERVICES].metrics.exposition()
+    services = request.app[SERVICES]
+    with contextlib.suppress(TokenStoreError):  # the expiry gauge: the stored tokens now
+        await services.provider.snapshot()
+    body = services.metrics.exposition()
     return web.Response(
         body=body,
         headers={"Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"},
@@ -81,7 +87,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def admin_page(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
-        doc = status(services)
+        doc = await status(services)
     except ServiceError as exc:
         doc = {"logged_in": False, "problem": str(exc), "version": __version__}
     page = dashboard.render(
@@ -133,14 +139,14 @@ async def admin_refresh(request: web.Request) -> web.Response:
     if page and (refusal := await _page_token_refusal(request)) is not None:
         return refusal
     try:
-        await services.provider.refresh(force=True)
+        await services.provider.refresh(FORCE)
     except ServiceError as exc:
         if page:
             return _back_to_page(services, f"refresh failed: {exc}")
         return service_error_response(exc)
     if page:
         return _back_to_page(services, "the access token was refreshed")
-    return json_response(status(services))
+    return json_response(await status(services))
 
 
 async def admin_revoke(request: web.Request) -> web.Response:
@@ -149,7 +155,7 @@ async def admin_revoke(request: web.Request) -> web.Response:
     if page and (refusal := await _page_token_refusal(request)) is not None:
         return refusal
     try:
-        outcome = await services.provider.revoke()
+        outcome = await revoke(services.provider)
     except ServiceError as exc:
         if page:
             return _back_to_page(services, f"revoke failed: {exc}")
@@ -227,7 +233,7 @@ async def admin_callback(request: web.Request) -> web.StreamResponse:
         tokens.user_id,
     )
     retired = await retire_previous(services.provider.oauth, result)
-    return success_page(tokens, str(services.store.path), note=retired.message)
+    return success_page(tokens, services.store.describe(), note=retired.message)
 
 
 def add_routes(app: web.Application, *, expect_handler: ExpectHandler) -> None:

@@ -16,20 +16,19 @@ from aiohttp import HttpVersion11, hdrs, web
 from . import admin
 from .config import Settings
 from .dashboard import PageTokens, Recent, RecentRequest
-from .errors import TokenStoreError
 from .guard import Guard, Handler
 from .login import login_advice
 from .logs import CURRENT_REQUEST_ID, KEY_NAME, REQUEST_ID, register_secret
 from .metrics import Metrics, RefreshCounts
-from .oauth import DEFAULT_BACKOFF, OAuthClient
+from .oauth import DEFAULT_BACKOFF
 from .pacing import ClientLimits
 from .proxy import API_PREFIX, Forwarder
 from .ratelimit import WAITED
 from .responses import ERROR_CODE, error_response
 from .services import SERVICES, Services
-from .store import TokenStore
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute
+from .wiring import token_provider
 
 # aiohttp would otherwise add these to forwarded requests; the proxy must not invent
 # an Accept-Encoding the client never sent (the body would come back compressed).
@@ -99,21 +98,6 @@ def client_session(
     )
 
 
-def oauth_client(
-    settings: Settings, session: aiohttp.ClientSession, backoff: Sequence[float] = DEFAULT_BACKOFF
-) -> OAuthClient | None:
-    """The OAuth client when credentials are configured; without, tokens just can't refresh."""
-    if not settings.client_id or settings.client_secret is None:
-        return None
-    return OAuthClient(
-        session,
-        api_url=settings.api_url,
-        client_id=settings.client_id,
-        client_secret=settings.client_secret,
-        backoff=backoff,
-    )
-
-
 def _watch(metrics: Metrics, provider: TokenProvider) -> None:
     """Refresh outcomes and expiry, read from the provider when Prometheus scrapes."""
 
@@ -126,10 +110,8 @@ def _watch(metrics: Metrics, provider: TokenProvider) -> None:
         )
 
     def expiry() -> float | None:
-        try:
-            tokens = provider.snapshot()
-        except TokenStoreError:
-            return None
+        # In memory: /metrics checks the store for changes before it asks (admin.metrics).
+        tokens = provider.cache.current()
         if tokens is None or tokens.refresh_rejected:
             return None
         return tokens.expires_at
@@ -148,12 +130,10 @@ async def _services(
     route = settings.upstream_route()
     log.info("connections to Close at %s go %s", settings.api_url, route.label)
     session = client_session(route, settings.upstream_connections, metrics)
-    store = TokenStore(settings.token_file)
-    provider = TokenProvider(
-        store,
-        oauth_client(settings, session, backoff),
-        margin=settings.refresh_margin,
-        api_url=str(settings.api_url),
+    provider = token_provider(
+        settings,
+        session,
+        backoff=backoff,
         login_advice=login_advice(settings, browser_login=browser_login),
     )
     forwarder = Forwarder(
@@ -174,7 +154,7 @@ async def _services(
     app[SERVICES] = Services(
         settings,
         session,
-        store,
+        provider.store,
         provider,
         forwarder,
         upstream_route=route,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, terminal_login
-from .app import client_session, oauth_client
+from .app import client_session
 from .config import (
     DEFAULT_PORT,
     OPTIONS,
@@ -30,12 +30,15 @@ from .config import (
     parse_key_paths,
 )
 from .errors import CloseProxyError, ConfigError
+from .file_store import FileGrantStore
 from .login import retire_previous
 from .logs import setup_logging
+from .revoke import revoke
 from .runner import run_command
 from .server import Listening, serve
-from .store import TokenStore
-from .tokens import TokenProvider, refresh_due_at, status_document
+from .status import status_document
+from .tokens import FORCE, TokenProvider, refresh_due_at
+from .wiring import open_store, token_provider
 
 _CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")
 _LOGGING = ("log_level", "log_format")
@@ -115,9 +118,9 @@ def _format_duration(seconds: float) -> str:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    store = TokenStore(settings.token_file)
+    store = open_store(settings)
     route = settings.upstream_route()
-    doc = status_document(store.load(), store)
+    doc = status_document(asyncio.run(store.load()).tokens, store)
     doc["upstream_proxy"] = route.document()
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -154,11 +157,9 @@ async def _provider(
     if require_client:
         settings.require_client()
     async with client_session(settings.upstream_route()) as session:
-        provider = TokenProvider(
-            TokenStore(settings.token_file),
-            oauth_client(settings, session),
-            margin=settings.refresh_margin,
-            api_url=str(settings.api_url),
+        provider = token_provider(
+            settings,
+            session,
             log_failures=False,  # the command prints the failure itself, once
             request_wait=None,  # a command waits for the refresh it started, however slow
         )
@@ -188,7 +189,7 @@ def _rescue_unsaved(command: str, settings: Settings, provider: TokenProvider) -
     ]
     for candidate in candidates:
         try:
-            TokenStore(candidate).save(tokens)
+            FileGrantStore(candidate).write(tokens)
         except CloseProxyError:
             continue
         print(
@@ -211,7 +212,7 @@ def _rescue_unsaved(command: str, settings: Settings, provider: TokenProvider) -
 def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings) as provider:
-            tokens = await provider.refresh(force=True)
+            tokens = await provider.refresh(FORCE)
         rescued = _rescue_unsaved("refresh", settings, provider)
         if rescued is not None:
             return rescued
@@ -266,7 +267,7 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings, require_client=False) as provider:
-            outcome = await provider.revoke()
+            outcome = await revoke(provider)
         if not outcome.had_grant:
             print(f"not logged in: nothing to revoke ({settings.token_file} does not exist)")
             return 0
@@ -346,7 +347,7 @@ def _quiet_level(settings: Settings) -> str:
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings, require_client=False) as provider:
-            stored = provider.snapshot()
+            stored = await provider.snapshot()
             if (
                 provider.oauth is None
                 and stored is not None

@@ -7,7 +7,6 @@ exchanged, and each pending login can be completed once.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import html
 import logging
@@ -21,9 +20,9 @@ from yarl import URL
 
 from .config import Settings, is_loopback_host
 from .errors import ConfigError, LoginFailed, ServiceError, TokenStoreError
+from .grant import GrantStore, TokenSet, Version
 from .guard import CALLBACK_PATH
 from .oauth import OAuthClient, authorize_url, pkce_pair
-from .store import TokenSet, TokenStore
 
 log = logging.getLogger("closeproxy.login")
 
@@ -129,7 +128,7 @@ class LoginResult:
 
 
 async def finish_login(
-    oauth: OAuthClient, store: TokenStore, pending: PendingLogin, code: str
+    oauth: OAuthClient, store: GrantStore, pending: PendingLogin, code: str
 ) -> LoginResult:
     """Exchange the code and store the grant, under the same lock refreshes take."""
     sent_at = time.time()
@@ -138,12 +137,13 @@ async def finish_login(
     )
     tokens = TokenSet.from_reply(reply, received_at=sent_at, api_url=str(oauth.api_url))
     async with store.locked():
+        version: Version | None = None
         try:
             # Read under the lock: the newest refresh token of the old grant, not a stale one.
-            previous = await asyncio.to_thread(store.load)
+            previous, version = await store.load()
         except TokenStoreError:
             previous = None  # unreadable: nothing to retire, and the new grant replaces it
-        await asyncio.to_thread(store.save, tokens)
+        await store.save(tokens, expected=version)
     return LoginResult(tokens, previous)
 
 

@@ -25,7 +25,7 @@ from .errors import ServiceError
 from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
 from .ratelimit import WAIT_HEADER, WAITED, BadWaitHeader, ClientGone, Held, RateLimits, Wait
 from .responses import error_response, service_error_response
-from .tokens import TokenProvider
+from .tokens import Rejected, TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
 
 log = logging.getLogger("closeproxy.proxy")
@@ -356,7 +356,7 @@ class Forwarder:
             return upstream
         upstream.release()
         log.info("Close answered 401 to a token we held valid; refreshing once and replaying")
-        fresh = await self._provider.refresh(rejected=token)
+        fresh = await self._provider.refresh(Rejected(token))
         self.counters.replays += 1
         replayed = await self._send_limited(request, body, wait, fresh.access_token, send, idle)
         if replayed.status == 401:

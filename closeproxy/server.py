@@ -20,10 +20,10 @@ from aiohttp import web
 from .app import create_app
 from .config import Settings
 from .errors import ConfigError, TokenStoreError
+from .file_store import FileGrantStore
 from .login import login_advice
 from .logs import AccessLogger
 from .oauth import DEFAULT_BACKOFF
-from .store import TokenStore
 
 log = logging.getLogger("closeproxy.server")
 
@@ -260,7 +260,7 @@ def _bound_port(addresses: list[object], wanted: int) -> int:
 def warn_at_start(settings: Settings, *, browser_login: bool, proxy_url: str | None) -> None:
     """One warning at start when /api/v1/ answers, or soon will answer, only 401s."""
     try:
-        tokens = TokenStore(settings.token_file).load()
+        tokens = FileGrantStore(settings.token_file).read()  # issue 12: via wiring.open_store
     except TokenStoreError:
         return  # every request reports this one, with its own fix
     if tokens is not None and not tokens.refresh_rejected:

@@ -10,10 +10,10 @@ from aiohttp import web
 
 from .config import Settings
 from .dashboard import PageTokens, Recent
+from .grant import GrantStore
 from .login import PendingLogins
 from .metrics import Metrics
 from .proxy import Forwarder
-from .store import TokenStore
 from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute
 
@@ -24,7 +24,7 @@ class Services:
 
     settings: Settings
     session: aiohttp.ClientSession
-    store: TokenStore
+    store: GrantStore
     provider: TokenProvider
     forwarder: Forwarder
     upstream_route: UpstreamRoute | None = None

@@ -24,6 +24,7 @@ from yarl import URL
 
 from .config import Settings
 from .errors import CloseProxyError, ConfigError, LoginFailed
+from .grant import GrantStore
 from .login import (
     Callback,
     LoginResult,
@@ -36,7 +37,6 @@ from .login import (
     success_page,
 )
 from .oauth import OAuthClient
-from .store import TokenStore
 
 # On a terminal, the countdown in front of the prompt is redrawn this often.
 TICK = 1.0
@@ -66,7 +66,7 @@ async def open_browser(url: str) -> bool:
 async def login(
     settings: Settings,
     oauth: OAuthClient,
-    store: TokenStore,
+    store: GrantStore,
     *,
     browser: bool,
     pkce: bool,
@@ -87,7 +87,7 @@ class _Flow:
 
     settings: Settings
     oauth: OAuthClient
-    store: TokenStore
+    store: GrantStore
     pending: PendingLogin
     err: TextIO
     claimed: bool = False  # set before the code exchange: one answer only, whoever wins
@@ -189,7 +189,7 @@ class _Flow:
                 return callback_page(400, "Login failed", str(exc))
             if not done.done():
                 done.set_result(tokens)
-            return success_page(tokens.tokens, str(self.store.path))
+            return success_page(tokens.tokens, self.store.describe())
 
         return callback
 

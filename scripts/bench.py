@@ -51,8 +51,9 @@ from typing import Any, Final
 import aiohttp
 import psutil
 
+from closeproxy.file_store import FileGrantStore
+from closeproxy.grant import TokenSet
 from closeproxy.sim import payloads
-from closeproxy.store import TokenSet, TokenStore
 
 PATTERN_SEED: Final = b"closeproxy.sim download"
 MIB: Final = 1024 * 1024
@@ -186,7 +187,7 @@ def seed_tokens(sim_url: str, token_file: Path) -> TokenSet:
     with opener.open(request, timeout=10) as reply:
         document = json.load(reply)
     tokens = TokenSet.from_reply(document, received_at=time.time(), api_url=sim_url)
-    TokenStore(token_file).save(tokens)
+    FileGrantStore(token_file).write(tokens)
     return tokens
 
 

@@ -22,9 +22,10 @@ from selenium.webdriver.chrome.service import Service
 from yarl import URL
 
 from closeproxy.config import Secret, Settings
+from closeproxy.file_store import FileGrantStore
+from closeproxy.grant import TokenSet
 from closeproxy.server import running
 from closeproxy.sim import SimConfig, run_sim
-from closeproxy.store import TokenSet, TokenStore
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -73,7 +74,7 @@ async def main(out: Path) -> None:
             token_file = Path(tmp) / "tokens.json"
             now = time.time()
             reply = sim.state.issue_tokens()
-            TokenStore(token_file).save(
+            FileGrantStore(token_file).write(
                 TokenSet.from_reply(reply, received_at=now, api_url=sim.url)
             )
             settings = Settings(

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from closeproxy.config import Settings, load_settings
+from closeproxy.file_store import FileGrantStore
+from closeproxy.grant import TokenSet
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenSet, TokenStore
 
 FAST_BACKOFF = (0.05, 0.1)
 LISTENING = re.compile(r"listening on (http://\S+|unix:\S+)")
@@ -40,7 +41,7 @@ def seed_tokens(
     tokens = TokenSet.from_reply(reply, received_at=now, api_url=api_url or sim.url)
     if expires_in is not None:
         tokens = replace(tokens, expires_at=now + expires_in, obtained_at=now - 3600)
-    TokenStore(token_file).save(tokens)
+    FileGrantStore(token_file).write(tokens)
     return tokens
 
 
@@ -260,8 +261,8 @@ async def provider_against_token_endpoint(
     """
     from aiohttp import web
 
-    from closeproxy.app import client_session, oauth_client
-    from closeproxy.tokens import TokenProvider
+    from closeproxy.app import client_session
+    from closeproxy.wiring import token_provider
 
     app = web.Application()
     app.router.add_post("/oauth2/token/", reply)
@@ -271,7 +272,7 @@ async def provider_against_token_endpoint(
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         now = time.time()
-        TokenStore(token_file).save(
+        FileGrantStore(token_file).write(
             TokenSet(
                 access_token="acc-1",
                 refresh_token="ref-1",
@@ -285,9 +286,7 @@ async def provider_against_token_endpoint(
             {"CLOSEPROXY_CLIENT_SECRET": "s"},
         )
         async with client_session() as session:
-            provider = TokenProvider(
-                TokenStore(token_file), oauth_client(settings, session), margin=300, api_url=url
-            )
+            provider = token_provider(settings, session)
             try:
                 yield provider
             finally:

@@ -9,8 +9,8 @@ from pathlib import Path
 from helpers import proxy_env, run_cli_async
 from test_login import LoginProcess, consent
 
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 
 async def test_a_revoke_endpoint_that_hangs_does_not_hang_the_login(
@@ -21,7 +21,7 @@ async def test_a_revoke_endpoint_that_hangs_does_not_hang_the_login(
     assert (await first_login.finish(await consent(await first_login.authorize_url()) + "\n"))[
         0
     ] == 0
-    first = TokenStore(token_file).load()
+    first = FileGrantStore(token_file).read()
     assert first is not None
     sim.state.revoke_delay = 120.0  # Close's revoke endpoint never answers in time
     login = await LoginProcess.start(env, "--no-browser")
@@ -31,7 +31,7 @@ async def test_a_revoke_endpoint_that_hangs_does_not_hang_the_login(
     took = time.monotonic() - started
     assert code == 0, err
     assert took < 15, took  # one quick try (5 s), then the login stands
-    second = TokenStore(token_file).load()
+    second = FileGrantStore(token_file).read()
     assert second is not None and second.refresh_token != first.refresh_token
     assert "could not be revoked" in err
     assert first.refresh_token is not None and first.refresh_token not in out + err
@@ -60,7 +60,7 @@ async def test_a_login_racing_a_refresh_of_the_old_grant_retires_its_newest_toke
     refreshed = await refresh
     assert code == 0, err
     assert refreshed.returncode == 0, refreshed.stderr
-    final = TokenStore(token_file).load()
+    final = FileGrantStore(token_file).read()
     assert final is not None
     assert sim.state.access_token_valid(final.access_token)
     # Exactly one grant lives at Close: the new login's.

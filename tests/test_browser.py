@@ -31,8 +31,8 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -224,7 +224,7 @@ async def test_browser_logs_in_through_the_proxy_and_then_uses_the_api(
         assert config.user_id in text
         assert sim.state.code_exchanges == 1
 
-        stored = TokenStore(token_file).load()
+        stored = FileGrantStore(token_file).read()
         assert stored is not None
         assert (stored.organization_id, stored.user_id) == (config.organization_id, config.user_id)
         # The page shows who logged in, never a credential.
@@ -396,7 +396,7 @@ async def test_a_replayed_callback_is_refused_without_a_token_request(
 ) -> None:
     async with start_proxy() as proxy:
         landed = await log_in(browser, proxy.url)
-        stored = TokenStore(token_file).load()
+        stored = FileGrantStore(token_file).read()
         token_requests = sim.state.token_requests
         code_exchanges = sim.state.code_exchanges
         assert code_exchanges == 1
@@ -412,6 +412,6 @@ async def test_a_replayed_callback_is_refused_without_a_token_request(
         assert sim.state.code_exchanges == code_exchanges
         assert sim.state.reuse_detected == 0
         # The earlier login stands untouched.
-        assert TokenStore(token_file).load() == stored
+        assert FileGrantStore(token_file).read() == stored
         await open_page(browser, f"{proxy.url}/api/v1/me/")
         assert json.loads(await page_text(browser, "pre"))["id"] == sim.state.config.user_id

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from helpers import ServeProcess, proxy_env, seed_tokens, start_refresh, start_serve
 
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 pytestmark = pytest.mark.chaos
 
@@ -169,7 +169,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
                     assert in_flight_kills > 0, f"grant lost without a kill in a refresh: {kills}"
                     await asyncio.sleep(0.5)
                     await all_say_log_in_again(client)
-                    async with TokenStore(token_file).locked():  # log in again
+                    async with FileGrantStore(token_file).locked():  # log in again
                         dead = set(sim.state.issued_secrets())
                         seed_tokens(sim, token_file, expires_in=LIFETIME)
                     in_flight_kills = 0

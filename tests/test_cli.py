@@ -25,8 +25,8 @@ from helpers import (
 
 from closeproxy.cli import COMMAND_OPTIONS, COMMANDS
 from closeproxy.config import OPTIONS_BY_NAME
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 
 async def serve(env: dict[str, str], *args: str) -> ServeProcess:
@@ -91,7 +91,7 @@ async def test_refresh_rotates_and_says_so(sim: RunningSim, token_file: Path) ->
     result = await run_cli_async(proxy_env(sim, token_file), "refresh")
     assert result.returncode == 0, result.stderr
     assert "refreshed" in result.stdout
-    new = TokenStore(token_file).load()
+    new = FileGrantStore(token_file).read()
     assert new is not None
     assert new.refresh_token != old.refresh_token
     assert new.access_token not in result.stdout + result.stderr
@@ -286,7 +286,7 @@ async def test_sigterm_during_a_refresh_lets_it_finish_and_save(
     _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in err.decode()
-    saved = TokenStore(token_file).load()
+    saved = FileGrantStore(token_file).read()
     assert saved is not None
     assert saved.refresh_token != old.refresh_token  # the rotated token reached the disk
     sim.state.token_delay = 0

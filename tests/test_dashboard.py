@@ -18,8 +18,8 @@ from selenium.webdriver.common.by import By
 from test_browser import browser, current_url, network_log, open_page, wait_for  # noqa: F401
 
 from closeproxy.dashboard import PAGE_HEADERS, PageTokens, RecentRequest, render
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 TOKEN_FIELD = re.compile(r'name="page_token" value="([^"]+)"')
 
@@ -143,7 +143,7 @@ async def test_browser_posts_to_the_buttons_need_the_same_origin_and_the_page_to
         assert sim.state.token_requests == 1
     else:
         assert sim.state.revokes >= 1
-        assert TokenStore(token_file).load() is None
+        assert FileGrantStore(token_file).read() is None
 
 
 async def test_curl_posts_need_no_page_token(
@@ -233,7 +233,7 @@ async def test_the_dashboard_in_chromium(
 
         # No secret anywhere in the DOM, before or after the refresh.
         dom = str(await asyncio.to_thread(lambda: browser.page_source))
-        fresh = TokenStore(token_file).load()
+        fresh = FileGrantStore(token_file).read()
         assert fresh is not None
         for secret in (
             tokens.access_token,

@@ -28,11 +28,12 @@ from helpers import (
 
 from closeproxy.app import client_session
 from closeproxy.errors import LoginRequired, TokenServiceUnavailable, TokenStoreError
+from closeproxy.file_store import FileGrantStore
+from closeproxy.grant import TokenSet
 from closeproxy.oauth import OAuthClient
 from closeproxy.server import running
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenSet, TokenStore
-from closeproxy.tokens import TokenProvider
+from closeproxy.tokens import FORCE, Rejected, TokenProvider
 
 
 class Tmpfs:
@@ -91,7 +92,7 @@ def small_disk_token_file(tmpfs: Tmpfs) -> Path:
 
 
 def stored(token_file: Path) -> TokenSet:
-    tokens = TokenStore(token_file).load()
+    tokens = FileGrantStore(token_file).read()
     assert tokens is not None
     return tokens
 
@@ -112,7 +113,11 @@ async def provider_for(
             attempt_timeout=attempt_timeout,
         )
         provider = TokenProvider(
-            TokenStore(token_file), oauth, margin=300, api_url=sim.url, request_wait=request_wait
+            FileGrantStore(token_file),
+            oauth,
+            margin=300,
+            api_url=sim.url,
+            request_wait=request_wait,
         )
         try:
             yield provider
@@ -129,7 +134,7 @@ async def test_no_free_inode_keeps_the_refreshed_tokens_and_saves_them_at_shutdo
     token_file = tmpfs.where / "tokens.json"
     old = seed_tokens(sim, token_file, expires_in=-10)
     sim.state.expire_access_token(old.access_token)
-    TokenStore(token_file).lock_path.touch()  # the lock file needs no new inode
+    FileGrantStore(token_file).lock_path.touch()  # the lock file needs no new inode
     settings = make_settings(sim, token_file)
     async with running(settings, oauth_backoff=FAST_BACKOFF) as where:
         tmpfs.use_up_inodes()  # the temp file of the save cannot be created
@@ -167,10 +172,10 @@ async def test_a_read_only_store_mid_run_keeps_the_tokens_and_says_where_things_
 ) -> None:
     token_file = tmpfs.where / "tokens.json"
     old = seed_tokens(sim, token_file)
-    TokenStore(token_file).lock_path.touch()
+    FileGrantStore(token_file).lock_path.touch()
     async with provider_for(sim, token_file) as provider:
         tmpfs.remount("ro")
-        fresh = await provider.refresh(force=True)
+        fresh = await provider.refresh(FORCE)
         assert (await provider.current()).access_token == fresh.access_token
         with caplog.at_level(logging.ERROR, "closeproxy.tokens"):
             await provider.aclose()
@@ -190,7 +195,7 @@ async def test_cli_refresh_that_cannot_save_exits_1_and_leaves_the_tokens_in_a_n
 ) -> None:
     token_file = tmpfs.where / "tokens.json"
     old = seed_tokens(sim, token_file)
-    TokenStore(token_file).lock_path.touch()
+    FileGrantStore(token_file).lock_path.touch()
     tmpfs.remount("ro")
     env = proxy_env(sim, token_file, TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -221,7 +226,7 @@ async def test_a_slow_token_endpoint_finishes_and_saves_the_refresh_that_was_sen
     sim.state.token_delay = 1.0
     async with provider_for(sim, token_file, attempt_timeout=0.3, request_wait=0.3) as provider:
         with pytest.raises(TokenServiceUnavailable) as failed:
-            await provider.refresh(rejected=old.access_token)
+            await provider.refresh(Rejected(old.access_token))
         assert "still in progress" in str(failed.value)
         await provider.aclose()  # the refresh goes on after the request gave up
     assert sim.state.token_requests == 1  # never resent with the same refresh token
@@ -236,7 +241,7 @@ async def test_a_lost_token_reply_is_not_resent_and_the_message_tells_the_truth(
     sim.state.token_endpoint = "lose_reply"  # Close rotates, the reply never arrives
     async with provider_for(sim, token_file) as provider:
         with pytest.raises(TokenServiceUnavailable) as failed:
-            await provider.refresh(force=True)
+            await provider.refresh(FORCE)
         message = str(failed.value)
         assert "kept" not in message
         assert "may have replaced the refresh token" in message
@@ -244,7 +249,7 @@ async def test_a_lost_token_reply_is_not_resent_and_the_message_tells_the_truth(
         assert sim.state.token_requests == 1
         sim.state.token_endpoint = "ok"
         with pytest.raises(LoginRequired):  # the truth: the grant is gone
-            await provider.refresh(force=True)
+            await provider.refresh(FORCE)
     assert stored(token_file).refresh_token == old.refresh_token
 
 
@@ -254,7 +259,7 @@ async def test_a_lost_token_reply_is_not_resent_and_the_message_tells_the_truth(
 async def test_a_lock_file_deleted_while_waited_on_is_reopened_not_trusted(
     token_file: Path,
 ) -> None:
-    holder, waiter, latecomer = (TokenStore(token_file) for _ in range(3))
+    holder, waiter, latecomer = (FileGrantStore(token_file) for _ in range(3))
     inside = asyncio.Event()
     leave = asyncio.Event()
 
@@ -282,7 +287,7 @@ async def test_a_lock_file_deleted_while_waited_on_is_reopened_not_trusted(
 async def test_stale_temp_files_of_a_crashed_save_are_removed_under_the_lock(
     token_file: Path,
 ) -> None:
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     store.ensure_directory()
     stale = token_file.with_name(f".{token_file.name}.k1ll3d.tmp")
     stale.write_text('{"refresh_token": "left by a crash"}')
@@ -302,14 +307,14 @@ async def test_kept_tokens_never_overwrite_a_newer_login_written_meanwhile(
 ) -> None:
     token_file = tmpfs.where / "tokens.json"
     seed_tokens(sim, token_file)
-    TokenStore(token_file).lock_path.touch()
+    FileGrantStore(token_file).lock_path.touch()
     async with provider_for(sim, token_file) as provider:
         tmpfs.remount("ro")
-        fresh = await provider.refresh(force=True)
+        fresh = await provider.refresh(FORCE)
         assert provider.unsaved == fresh
         tmpfs.remount("rw")
         login = seed_tokens(sim, token_file)  # another process: `closeproxy login`
-        current = provider.snapshot()
+        current = await provider.snapshot()
         assert current is not None and current.access_token == login.access_token
         await provider.aclose()
     assert stored(token_file).access_token == login.access_token
@@ -319,18 +324,18 @@ async def test_a_refresh_for_a_rejected_token_that_joins_another_flight_gets_a_n
     sim: RunningSim, token_file: Path
 ) -> None:
     first = seed_tokens(sim, token_file)
-    other_process = TokenStore(token_file)
+    other_process = FileGrantStore(token_file)
     async with provider_for(sim, token_file) as provider:
-        assert provider.snapshot() == first
+        assert await provider.snapshot() == first
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(other_process.locked())
-            older = asyncio.create_task(provider.refresh(rejected=first.access_token))
+            older = asyncio.create_task(provider.refresh(Rejected(first.access_token)))
             await asyncio.sleep(0.05)  # that flight waits for the lock
             # Meanwhile the other process refreshed: its token is on disk, and Close has
             # just rejected it for the caller below (which joins the flight in progress).
             second = seed_tokens(sim, token_file)
-            joined = asyncio.create_task(provider.refresh(rejected=second.access_token))
-            forced = asyncio.create_task(provider.refresh(force=True))
+            joined = asyncio.create_task(provider.refresh(Rejected(second.access_token)))
+            forced = asyncio.create_task(provider.refresh(FORCE))
             await asyncio.sleep(0.05)
         assert (await older).access_token == second.access_token
         newer = await joined
@@ -344,7 +349,7 @@ async def test_a_refresh_for_a_rejected_token_that_joins_another_flight_gets_a_n
 async def test_a_lock_file_deleted_while_held_admits_nobody_else(token_file: Path) -> None:
     """The hostile case: the lock file vanishes while a refresh holds it. A newcomer that
     creates and locks a fresh file at the path must still wait for the holder."""
-    holder, newcomer = TokenStore(token_file), TokenStore(token_file)
+    holder, newcomer = FileGrantStore(token_file), FileGrantStore(token_file)
     async with holder.locked():
         holder.lock_path.unlink()
         with pytest.raises(TokenStoreError, match="held"):

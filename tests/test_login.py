@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from helpers import Proxy, cli_env, proxy_env, run_cli_async
 
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 AUTHORIZE_LINE = "/oauth2/authorize/?"
 
@@ -112,7 +112,7 @@ async def test_paste_flow_stores_tokens_and_status_shows_who(
     assert exchange["grant_type"] == "authorization_code"
     assert "code_verifier" in exchange
     assert sim.state.code_exchanges == 1
-    tokens = TokenStore(token_file).load()
+    tokens = FileGrantStore(token_file).read()
     assert tokens is not None
     assert tokens.access_token not in out + err
 
@@ -134,7 +134,7 @@ async def test_a_bare_code_can_be_pasted(sim: RunningSim, token_file: Path) -> N
     landed = await consent(await login.authorize_url())
     code, _, err = await login.finish(query_of(landed)["code"][0] + "\n")
     assert code == 0, err
-    assert TokenStore(token_file).load() is not None
+    assert FileGrantStore(token_file).read() is not None
 
 
 @pytest.mark.parametrize(
@@ -206,7 +206,7 @@ async def test_loopback_flow_catches_the_redirect(
     assert sim.state.config.user_id in result.stdout
     (exchange,) = sim.state.token_log
     assert exchange["redirect_uri"] == redirect  # byte-identical to the authorize request
-    assert TokenStore(token_file).load() is not None
+    assert FileGrantStore(token_file).read() is not None
 
 
 async def test_loopback_flow_gives_up_after_the_login_timeout(
@@ -352,7 +352,7 @@ async def test_loopback_login_also_takes_a_pasted_address(
     assert "still waiting" in err
     assert sim.state.config.user_id in out
     assert sim.state.code_exchanges == 1
-    assert TokenStore(token_file).load() is not None
+    assert FileGrantStore(token_file).read() is not None
 
 
 class Terminal:
@@ -447,11 +447,11 @@ async def test_a_second_login_revokes_the_grant_it_replaced(
     env = proxy_env(sim, token_file)
     code, _, err = await log_in(env)
     assert code == 0, err
-    first = TokenStore(token_file).load()
+    first = FileGrantStore(token_file).read()
     assert first is not None and first.refresh_token is not None
     code, out, err = await log_in(env)
     assert code == 0, err
-    second = TokenStore(token_file).load()
+    second = FileGrantStore(token_file).read()
     assert second is not None and second.refresh_token != first.refresh_token
     assert [entry["token"] for entry in sim.state.revoke_log] == [first.refresh_token]
     assert not sim.state.access_token_valid(first.access_token)  # the whole grant is gone
@@ -463,7 +463,7 @@ async def test_a_second_login_revokes_the_grant_it_replaced(
 async def test_keep_previous_leaves_the_old_grant_alone(sim: RunningSim, token_file: Path) -> None:
     env = proxy_env(sim, token_file)
     assert (await log_in(env))[0] == 0
-    first = TokenStore(token_file).load()
+    first = FileGrantStore(token_file).read()
     assert first is not None
     code, out, err = await log_in(env, "--keep-previous")
     assert code == 0, err
@@ -477,7 +477,7 @@ async def test_a_revoke_failure_never_fails_the_new_login(
 ) -> None:
     env = proxy_env(sim, token_file)
     assert (await log_in(env))[0] == 0
-    first = TokenStore(token_file).load()
+    first = FileGrantStore(token_file).read()
     assert first is not None
     sim.state.revoke_down = True
     code, out, err = await log_in(env)
@@ -486,7 +486,7 @@ async def test_a_revoke_failure_never_fails_the_new_login(
     assert "HTTP 503" in err
     assert len(sim.state.revoke_log) == 1  # one quick try, no retry
     assert sim.state.access_token_valid(first.access_token)
-    second = TokenStore(token_file).load()
+    second = FileGrantStore(token_file).read()
     assert second is not None and second.access_token != first.access_token
     assert sim.state.access_token_valid(second.access_token)
     assert "logged in to Close" in out
@@ -501,7 +501,7 @@ async def test_a_login_through_the_proxy_revokes_the_grant_it_replaced(
             async with browser.get(f"{proxy.url}/admin/login") as resp:  # redirects followed
                 page = await resp.text()
                 assert resp.status == 200, page
-            tokens.append(TokenStore(token_file).load())
+            tokens.append(FileGrantStore(token_file).read())
     first, second = tokens
     assert first is not None and second is not None
     assert "Revoked the previous grant at Close" in page

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from closeproxy.file_store import FileGrantStore
 from closeproxy.metrics import Metrics
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 # Every metric SPEC §11 names, as the parser names the families (counters lose "_total").
 NAMED: frozenset[str] = frozenset(
@@ -103,7 +103,7 @@ async def test_counters_move_with_traffic(
     assert value(samples, "closeproxy_upstream_duration_seconds_count") == 4
     assert value(samples, "closeproxy_requests_in_flight") == 0
     expiry = value(samples, "closeproxy_token_expiry_timestamp_seconds")
-    stored = TokenStore(token_file).load()
+    stored = FileGrantStore(token_file).read()
     assert stored is not None
     assert expiry == stored.expires_at
 
@@ -115,7 +115,7 @@ async def test_counters_move_with_traffic(
     assert value(samples, "closeproxy_token_expiry_timestamp_seconds") > expiry + 60
 
     # Close kills the grant: the next refresh is rejected.
-    fresh = TokenStore(token_file).load()
+    fresh = FileGrantStore(token_file).read()
     assert fresh is not None and fresh.refresh_token is not None
     sim.state.revoke(fresh.refresh_token)
     async with client.post(f"{proxy.url}/admin/refresh") as resp:
@@ -188,7 +188,7 @@ async def test_no_label_value_holds_a_path_query_or_secret(
 ) -> None:
     if not token_file.exists():
         seed_tokens(sim, token_file)
-    tokens = TokenStore(token_file).load()
+    tokens = FileGrantStore(token_file).read()
     assert tokens is not None
     target = f"/api/v1/{path}?{query}"
     async with aiohttp.ClientSession() as client:

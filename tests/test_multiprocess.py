@@ -17,8 +17,8 @@ from helpers import (
     start_serve,
 )
 
+from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 
 LOAD_SECONDS = 9.0
 # On a loaded machine a `closeproxy refresh` process can take seconds to start: the load
@@ -90,12 +90,12 @@ async def test_two_servers_and_a_refresh_loop_never_spend_a_refresh_token_twice(
     assert len(cli_refreshes) >= CLI_REFRESHES
     assert sim.state.refreshes >= len(cli_refreshes) + 2
     assert await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers)) == [0, 0]
-    final = TokenStore(token_file).load()
+    final = FileGrantStore(token_file).read()
     assert final is not None and final.refresh_rejected is None
     # The grant is alive: the stored refresh token still works (the access token itself may
     # have run out of its 2 s since the last refresh), and nothing was spent twice.
     result = await run_cli_async(env, "refresh")
     assert result.returncode == 0, result.stderr
     assert sim.state.reuse_detected == 0
-    stored = TokenStore(token_file).load()
+    stored = FileGrantStore(token_file).read()
     assert stored is not None and sim.state.access_token_valid(stored.access_token)

@@ -1,4 +1,4 @@
-"""TokenStore on a real disk: private modes, atomic saves, clear errors, the lock, kill -9."""
+"""FileGrantStore on a real disk: private modes, atomic saves, clear errors, the lock, kill -9."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from closeproxy.errors import TokenStoreError
-from closeproxy.store import TokenSet, TokenStore
+from closeproxy.file_store import FileGrantStore
+from closeproxy.grant import TokenSet
 
 ACCESS = "simacc_0123456789-access-SECRET-abcdefghijklmnopq"
 REFRESH = "simref_9876543210-refresh-SECRET-zyxwvutsrqponml"
@@ -63,7 +64,7 @@ def test_save_creates_a_private_directory_and_file_whatever_the_umask(token_file
     assert not token_file.parent.exists()
     old_umask = os.umask(0)  # the most permissive umask a user could have
     try:
-        TokenStore(token_file).save(make_tokens())
+        FileGrantStore(token_file).write(make_tokens())
     finally:
         os.umask(old_umask)
     assert stat.S_ISDIR(os.stat(token_file.parent).st_mode)
@@ -76,7 +77,7 @@ def test_save_makes_a_world_readable_token_file_private(token_file: Path) -> Non
     token_file.parent.mkdir()
     token_file.write_text("{}")
     token_file.chmod(0o644)
-    TokenStore(token_file).save(make_tokens())
+    FileGrantStore(token_file).write(make_tokens())
     assert mode(token_file) == 0o600
 
 
@@ -90,8 +91,8 @@ def test_save_makes_a_world_readable_token_file_private(token_file: Path) -> Non
     ids=["full", "no-refresh-token", "rejected"],
 )
 def test_tokens_round_trip_through_the_file(token_file: Path, tokens: TokenSet) -> None:
-    TokenStore(token_file).save(tokens)
-    assert TokenStore(token_file).load() == tokens
+    FileGrantStore(token_file).write(tokens)
+    assert FileGrantStore(token_file).read() == tokens
     on_disk = json.loads(token_file.read_text())
     assert on_disk["version"] == 1
     assert on_disk["access_token"] == tokens.access_token
@@ -103,9 +104,9 @@ def test_tokens_round_trip_through_the_file(token_file: Path, tokens: TokenSet) 
 
 
 def test_reprs_never_show_a_token(token_file: Path) -> None:
-    store = TokenStore(token_file)
-    store.save(make_tokens())
-    tokens = store.load()
+    store = FileGrantStore(token_file)
+    store.write(make_tokens())
+    tokens = store.read()
     assert tokens is not None
     shown = [repr(tokens), str(tokens), f"{tokens}", repr(store), str(store), repr([tokens])]
     for text in shown:
@@ -115,16 +116,16 @@ def test_reprs_never_show_a_token(token_file: Path) -> None:
 
 
 def test_save_replaces_the_file_by_rename_and_leaves_nothing_behind(token_file: Path) -> None:
-    store = TokenStore(token_file)
-    store.save(make_tokens(1))
+    store = FileGrantStore(token_file)
+    store.write(make_tokens(1))
     first = os.stat(token_file)
     with open(token_file, "rb") as reader:  # e.g. another process reading right now
-        store.save(make_tokens(2))
+        store.write(make_tokens(2))
         old_content = reader.read()
     second = os.stat(token_file)
     assert second.st_ino != first.st_ino
     assert TokenSet.from_json(json.loads(old_content)).access_token == f"{ACCESS}-1"
-    loaded = store.load()
+    loaded = store.read()
     assert loaded is not None
     assert loaded.access_token == f"{ACCESS}-2"
     assert names(token_file.parent) == ["tokens.json"]
@@ -169,12 +170,12 @@ FAILURES = [
 def test_a_failed_save_keeps_the_old_file_and_removes_the_temp_file(
     token_file: Path, monkeypatch: pytest.MonkeyPatch, break_it: Any, reason: str
 ) -> None:
-    store = TokenStore(token_file)
-    store.save(make_tokens(1))
+    store = FileGrantStore(token_file)
+    store.write(make_tokens(1))
     old_bytes = token_file.read_bytes()
     break_it(monkeypatch)
     with pytest.raises(TokenStoreError) as info:
-        store.save(make_tokens(2))
+        store.write(make_tokens(2))
     monkeypatch.undo()
     message = str(info.value)
     assert str(token_file) in message
@@ -191,29 +192,29 @@ def test_a_failed_first_save_leaves_no_token_file_at_all(
 ) -> None:
     break_it(monkeypatch)
     with pytest.raises(TokenStoreError, match=reason):
-        TokenStore(token_file).save(make_tokens())
+        FileGrantStore(token_file).write(make_tokens())
     monkeypatch.undo()
     assert names(token_file.parent) == []
-    assert TokenStore(token_file).load() is None
+    assert FileGrantStore(token_file).read() is None
 
 
 def test_clear_deletes_the_file_once(token_file: Path) -> None:
-    store = TokenStore(token_file)
-    store.save(make_tokens())
-    assert store.clear() is True
+    store = FileGrantStore(token_file)
+    store.write(make_tokens())
+    assert store.delete() is True
     assert not token_file.exists()
-    assert store.load() is None
-    assert store.clear() is False
+    assert store.read() is None
+    assert store.delete() is False
 
 
 # --- loading --------------------------------------------------------------------------
 
 
 def test_loading_a_missing_file_means_not_logged_in(token_file: Path) -> None:
-    store = TokenStore(token_file)
-    assert store.load() is None
-    assert store.load_with_fingerprint() == (None, None)
-    assert store.fingerprint() is None
+    store = FileGrantStore(token_file)
+    assert store.read() is None
+    assert store.read_with_version() == (None, None)
+    assert store.version() is None
 
 
 def _doc(**fields: Any) -> bytes:
@@ -248,7 +249,7 @@ def test_a_broken_token_file_says_to_log_in_and_never_echoes_its_content(
     token_file.parent.mkdir()
     token_file.write_bytes(content)
     with pytest.raises(TokenStoreError) as info:
-        TokenStore(token_file).load()
+        FileGrantStore(token_file).read()
     message = str(info.value)
     assert str(token_file) in message
     assert "run `closeproxy login`" in message
@@ -260,25 +261,25 @@ def test_a_broken_token_file_says_to_log_in_and_never_echoes_its_content(
 
 
 def test_the_fingerprint_changes_only_when_the_file_is_replaced(token_file: Path) -> None:
-    ours, theirs = TokenStore(token_file), TokenStore(token_file)  # e.g. two processes
-    saved = ours.save(make_tokens(1))
-    assert ours.fingerprint() == saved
-    assert ours.fingerprint() == ours.fingerprint()  # nothing changed, nothing to re-read
-    assert ours.load_with_fingerprint()[1] == saved
+    ours, theirs = FileGrantStore(token_file), FileGrantStore(token_file)  # e.g. two processes
+    saved = ours.write(make_tokens(1))
+    assert ours.version() == saved
+    assert ours.version() == ours.version()  # nothing changed, nothing to re-read
+    assert ours.read_with_version()[1] == saved
 
-    theirs.save(make_tokens(2))  # same size, written by someone else
-    assert ours.fingerprint() != saved
-    tokens, fingerprint = ours.load_with_fingerprint()
+    theirs.write(make_tokens(2))  # same size, written by someone else
+    assert ours.version() != saved
+    tokens, fingerprint = ours.read_with_version()
     assert tokens is not None
     assert tokens.access_token == f"{ACCESS}-2"
-    assert fingerprint == ours.fingerprint()
+    assert fingerprint == ours.version()
 
-    before = ours.fingerprint()
-    theirs.save(make_tokens(2))  # even identical content is a new version
-    assert ours.fingerprint() != before
+    before = ours.version()
+    theirs.write(make_tokens(2))  # even identical content is a new version
+    assert ours.version() != before
 
-    theirs.clear()
-    assert ours.fingerprint() is None
+    theirs.delete()
+    assert ours.version() is None
 
 
 # --- the lock -------------------------------------------------------------------------
@@ -305,10 +306,10 @@ else:
 COUNT_UNDER_LOCK = """
 import asyncio, sys
 from pathlib import Path
-from closeproxy.store import TokenStore
+from closeproxy.file_store import FileGrantStore
 
 async def main(path: str, rounds: int) -> None:
-    store = TokenStore(Path(path))
+    store = FileGrantStore(Path(path))
     counter = store.path.with_name("counter")
     for _ in range(rounds):
         async with store.locked(wait=30):
@@ -330,14 +331,14 @@ async def python(code: str, *args: str) -> str:
 
 
 async def test_coroutines_take_the_lock_one_at_a_time(token_file: Path) -> None:
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     holders: list[int] = []
     most = 0
     done: list[int] = []
 
     async def worker(n: int) -> None:
         nonlocal most
-        async with TokenStore(token_file).locked(wait=10):  # each its own handle
+        async with FileGrantStore(token_file).locked(wait=10):  # each its own handle
             holders.append(n)
             most = max(most, len(holders))
             await asyncio.sleep(0.02)
@@ -352,14 +353,14 @@ async def test_coroutines_take_the_lock_one_at_a_time(token_file: Path) -> None:
 
 
 async def test_another_process_sees_the_lock_while_it_is_held(token_file: Path) -> None:
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     async with store.locked():
         assert await python(PROBE_LOCK, str(store.lock_path)) == "busy"
     assert await python(PROBE_LOCK, str(store.lock_path)) == "free"
 
 
 async def test_two_processes_never_hold_the_lock_together(token_file: Path) -> None:
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     store.ensure_directory()
     counter = token_file.with_name("counter")
     counter.write_text("0")
@@ -374,7 +375,7 @@ async def test_two_processes_never_hold_the_lock_together(token_file: Path) -> N
 async def test_a_held_lock_times_out_naming_the_lock_file_and_frees_when_the_holder_dies(
     token_file: Path,
 ) -> None:
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     store.ensure_directory()
     holder = await asyncio.create_subprocess_exec(
         sys.executable, "-c", HOLD_LOCK, str(store.lock_path), stdout=subprocess.PIPE
@@ -404,7 +405,7 @@ async def test_a_held_lock_times_out_naming_the_lock_file_and_frees_when_the_hol
 
 
 async def test_a_cancelled_waiter_leaves_nothing_behind(token_file: Path) -> None:
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     store.ensure_directory()
     open_fds = len(os.listdir("/proc/self/fd"))
     release = asyncio.Event()
@@ -447,11 +448,12 @@ SIM_LISTENING = re.compile(r"simulator listening on (http://\S+)")
 
 REFRESH_LOOP = f"""
 import asyncio, mmap, struct, sys
-from closeproxy.app import client_session, oauth_client
+from closeproxy.app import client_session
 from closeproxy.config import load_settings
 from closeproxy.errors import LoginRequired
-from closeproxy.store import TokenStore
-from closeproxy.tokens import TokenProvider
+from closeproxy.file_store import FileGrantStore
+from closeproxy.tokens import FORCE
+from closeproxy.wiring import token_provider
 
 IDLE, REFRESHING, SAVING = range(3)
 with open(sys.argv[1], "r+b") as fh:
@@ -460,11 +462,11 @@ with open(sys.argv[1], "r+b") as fh:
 def note(offset, token):
     marks[offset:offset + 64] = token.encode().ljust(64, b"\\0")
 
-class MarkingStore(TokenStore):
-    def save(self, tokens):
+class MarkingStore(FileGrantStore):
+    def write(self, tokens):
         note(72, tokens.access_token)
         marks[0] = SAVING
-        fingerprint = super().save(tokens)
+        fingerprint = super().write(tokens)
         note(8, tokens.access_token)
         marks[0] = REFRESHING
         return fingerprint
@@ -472,17 +474,12 @@ class MarkingStore(TokenStore):
 async def main():
     settings = load_settings()  # CLOSEPROXY_* from the environment, like `closeproxy refresh`
     async with client_session() as session:
-        provider = TokenProvider(
-            MarkingStore(settings.token_file),
-            oauth_client(settings, session),
-            margin=settings.refresh_margin,
-            api_url=str(settings.api_url),
-        )
+        provider = token_provider(settings, session, store=MarkingStore(settings.token_file))
         ready = False
         while True:
             marks[0] = REFRESHING
             try:
-                await provider.refresh(force=True)
+                await provider.refresh(FORCE)
             except LoginRequired:
                 print("dead", flush=True)
                 sys.stdin.readline()  # the test logs in again, then lets us go on
@@ -552,10 +549,10 @@ def sim_process(tmp_path: Path) -> Iterator[str]:
                 proc.kill()
 
 
-def login_at_sim(sim_url: str, store: TokenStore) -> None:
+def login_at_sim(sim_url: str, store: FileGrantStore) -> None:
     status, reply = http("POST", f"{sim_url}/_sim/issue")
     assert status == 200
-    store.save(TokenSet.from_reply(reply, received_at=time.time(), api_url=sim_url))
+    store.write(TokenSet.from_reply(reply, received_at=time.time(), api_url=sim_url))
 
 
 def test_kill_9_at_random_moments_leaves_the_complete_old_or_new_token_file(
@@ -565,7 +562,7 @@ def test_kill_9_at_random_moments_leaves_the_complete_old_or_new_token_file(
     print(f"kill -9 test: seed {seed} (rerun with KILL_TEST_SEED={seed})")
     rng = random.Random(seed)
     sim_url = sim_process
-    store = TokenStore(token_file)
+    store = FileGrantStore(token_file)
     login_at_sim(sim_url, store)
     marks_file = tmp_path / "marks"
     child_log = tmp_path / "refresh-loop.log"
@@ -607,7 +604,7 @@ def test_kill_9_at_random_moments_leaves_the_complete_old_or_new_token_file(
                     assert last_phase in (REFRESHING, SAVING), (
                         f"trial {trial}: the grant was lost, yet the last kill hit an idle loop"
                     )
-                    dead = store.load()
+                    dead = store.read()
                     assert dead is not None
                     assert dead.refresh_rejected == "invalid_grant"
                     grants_lost += 1
@@ -636,7 +633,7 @@ def test_kill_9_at_random_moments_leaves_the_complete_old_or_new_token_file(
             tokens = TokenSet.from_json(json.loads(raw))
         except ValueError as exc:
             raise AssertionError(f"{where}: torn token file ({exc})") from None
-        assert store.load() == tokens
+        assert store.read() == tokens
         assert mode(token_file) == 0o600, where
         assert tokens.access_token.startswith("simacc_"), where
         assert tokens.refresh_token is not None, where

@@ -20,16 +20,18 @@ from helpers import (
     seed_tokens,
 )
 
-from closeproxy.app import client_session, oauth_client
+from closeproxy.app import client_session
 from closeproxy.errors import TokenStoreError
+from closeproxy.file_store import FileGrantStore
+from closeproxy.grant import TokenSet, Version
 from closeproxy.server import running
 from closeproxy.sim import RunningSim, run_sim
-from closeproxy.store import Fingerprint, TokenSet, TokenStore
-from closeproxy.tokens import TokenProvider
+from closeproxy.tokens import FORCE
+from closeproxy.wiring import token_provider
 
 
 def stored(token_file: Path) -> TokenSet:
-    tokens = TokenStore(token_file).load()
+    tokens = FileGrantStore(token_file).read()
     assert tokens is not None
     return tokens
 
@@ -149,10 +151,10 @@ async def test_grant_without_refresh_token_works_until_expiry(
     reply = sim.state.issue_tokens()
     reply.pop("refresh_token")
     now = time.time()
-    store = TokenStore(token_file)
-    store.save(TokenSet.from_reply(reply, received_at=now - 3590, api_url=sim.url))
+    store = FileGrantStore(token_file)
+    store.write(TokenSet.from_reply(reply, received_at=now - 3590, api_url=sim.url))
     assert (await get_me(client, proxy))[0] == 200  # inside the margin, still valid
-    store.save(TokenSet.from_reply(reply, received_at=now - 4000, api_url=sim.url))
+    store.write(TokenSet.from_reply(reply, received_at=now - 4000, api_url=sim.url))
     status, body = await get_me(client, proxy)
     assert (status, body["closeproxy_error"]) == (401, "login_required")
     assert "refresh token" in str(body["error"])
@@ -210,18 +212,18 @@ async def test_a_grant_is_never_sent_to_a_server_that_did_not_issue_it(
     assert stored(token_file) == tokens  # untouched, not marked rejected, not wiped
 
 
-class FlakyStore(TokenStore):
+class FlakyStore(FileGrantStore):
     """A token store whose disk refuses the next `failures` saves."""
 
     def __init__(self, path: Path, failures: int) -> None:
         super().__init__(path)
         self.failures = failures
 
-    def save(self, tokens: TokenSet) -> Fingerprint:
+    def write(self, tokens: TokenSet) -> Version:
         if self.failures:
             self.failures -= 1
             raise TokenStoreError(f"cannot write the token file {self.path}: No space left")
-        return super().save(tokens)
+        return super().write(tokens)
 
 
 async def test_tokens_that_cannot_be_saved_are_kept_and_saved_before_the_next_refresh(
@@ -230,17 +232,12 @@ async def test_tokens_that_cannot_be_saved_are_kept_and_saved_before_the_next_re
     old = seed_tokens(sim, token_file)
     store = FlakyStore(token_file, failures=1)
     async with client_session() as session:
-        provider = TokenProvider(
-            store,
-            oauth_client(make_settings(sim, token_file), session),
-            margin=300,
-            api_url=sim.url,
-        )
-        fresh = await provider.refresh(force=True)  # rotated at Close, disk said no
+        provider = token_provider(make_settings(sim, token_file), session, store=store)
+        fresh = await provider.refresh(FORCE)  # rotated at Close, disk said no
         assert fresh.refresh_token != old.refresh_token
         assert stored(token_file) == old
         assert (await provider.current()).access_token == fresh.access_token  # from memory
-        newer = await provider.refresh(force=True)  # saves `fresh` first, then rotates
+        newer = await provider.refresh(FORCE)  # saves `fresh` first, then rotates
         await provider.aclose()
     assert sim.state.reuse_detected == 0
     assert sim.state.refreshes == 2

@@ -26,9 +26,9 @@ from helpers import (
 from yarl import URL
 
 from closeproxy.config import load_settings
+from closeproxy.file_store import FileGrantStore
 from closeproxy.server import running
 from closeproxy.sim import RunningSim
-from closeproxy.store import TokenStore
 from closeproxy.upstream_proxy import bypasses, parse_proxy_url, resolve
 
 PROXY_USER = "proxyuser"
@@ -360,7 +360,7 @@ async def test_a_netrc_for_the_api_host_changes_nothing_that_is_sent(
         names = {name.lower() for name, _ in headers}
         assert "authorization" not in names
         assert "proxy-authorization" not in names
-    assert TokenStore(token_file).load() is not None
+    assert FileGrantStore(token_file).read() is not None
 
 
 # --- the decision itself, without sockets -------------------------------------------------

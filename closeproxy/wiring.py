@@ -1,0 +1,61 @@
+"""From Settings to a token provider: the one place the grant store is chosen.
+
+app.py (serve), cli.py (every command) and the tests build their provider here, so a
+second store (issue 12: `settings.token_store`, a redis:// URL) is one branch in
+`open_store` and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiohttp
+
+from .config import Settings
+from .file_store import FileGrantStore
+from .grant import GrantStore
+from .oauth import DEFAULT_BACKOFF, OAuthClient
+from .tokens import DEFAULT_LOGIN_ADVICE, REQUEST_WAIT, TokenProvider
+
+
+def open_store(settings: Settings) -> GrantStore:
+    """The grant store the settings name. Today always the token file."""
+    # Issue 12: `if settings.token_store != "file": return RedisGrantStore(...)` goes here.
+    return FileGrantStore(settings.token_file)
+
+
+def oauth_client(
+    settings: Settings, session: aiohttp.ClientSession, backoff: Sequence[float] = DEFAULT_BACKOFF
+) -> OAuthClient | None:
+    """The OAuth client when credentials are configured; without, tokens just can't refresh."""
+    if not settings.client_id or settings.client_secret is None:
+        return None
+    return OAuthClient(
+        session,
+        api_url=settings.api_url,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret,
+        backoff=backoff,
+    )
+
+
+def token_provider(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    *,
+    store: GrantStore | None = None,
+    backoff: Sequence[float] = DEFAULT_BACKOFF,
+    login_advice: str = DEFAULT_LOGIN_ADVICE,
+    log_failures: bool = True,
+    request_wait: float | None = REQUEST_WAIT,
+) -> TokenProvider:
+    """The provider of this settings' grant, talking to Close through `session`."""
+    return TokenProvider(
+        open_store(settings) if store is None else store,
+        oauth_client(settings, session, backoff),
+        margin=settings.refresh_margin,
+        api_url=str(settings.api_url),
+        login_advice=login_advice,
+        log_failures=log_failures,
+        request_wait=request_wait,
+    )
