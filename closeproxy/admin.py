@@ -28,11 +28,11 @@ from .login import (
     success_page,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .refresh_policy import FORCE
 from .responses import error_response, json_response, service_error_response
 from .revoke import revoke
 from .services import SERVICES, Services
 from .status import status_document
-from .tokens import FORCE
 
 log = logging.getLogger("closeproxy.admin")
 

@@ -33,11 +33,12 @@ from .errors import CloseProxyError, ConfigError
 from .file_store import FileGrantStore
 from .login import retire_previous
 from .logs import setup_logging
+from .refresh_policy import FORCE, refresh_due_at
 from .revoke import revoke
 from .runner import run_command
 from .server import Listening, serve
 from .status import status_document
-from .tokens import FORCE, TokenProvider, refresh_due_at
+from .tokens import TokenProvider
 from .wiring import open_store, token_provider
 
 _CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")

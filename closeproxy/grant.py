@@ -4,8 +4,8 @@ A store holds one grant (the tokens of one login) that several processes share. 
 rotates refresh tokens, so the store's job is that a refresh token Close issued is
 never lost and a spent one never sent again: refreshes run under the store's lock
 across processes, and each write names the version it replaces (compare-and-set).
-The file store (file_store.py) is the first implementation; see
-notes/grant-interface.md for what each method must guarantee.
+The file store (file_store.py) is the first implementation; see the docstring of
+each method of GrantStore for what it must guarantee.
 """
 
 from __future__ import annotations

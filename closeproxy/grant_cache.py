@@ -111,6 +111,18 @@ class GrantCache:
         self.adopt(fresh, version)
         return True
 
+    async def store_rejected(self, tokens: TokenSet, *, expected: Version | None) -> bool:
+        """Mark the grant dead after invalid_grant; False when the store holds newer tokens
+        than the rejected ones (our lock ran out, another process refreshed): they live."""
+        dead = tokens.rejected("invalid_grant")
+        try:
+            self.adopt(dead, await self.store.save(dead, expected=expected))
+        except StaleGrant:
+            loaded = await self.store.load()
+            self.adopt(loaded.tokens, loaded.version)
+            return False
+        return True
+
     async def flush(self, wait: float = 5.0) -> None:
         """Before exit: one more try to save unsaved tokens, unless the store changed."""
         if self.unsaved is None:

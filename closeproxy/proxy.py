@@ -24,8 +24,9 @@ from yarl import URL
 from .errors import ServiceError
 from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
 from .ratelimit import WAIT_HEADER, WAITED, BadWaitHeader, ClientGone, Held, RateLimits, Wait
+from .refresh_policy import Rejected
 from .responses import error_response, service_error_response
-from .tokens import Rejected, TokenProvider
+from .tokens import TokenProvider
 from .upstream_proxy import UpstreamRoute, describe_failure, is_proxy_failure, refused_message
 
 log = logging.getLogger("closeproxy.proxy")

@@ -24,27 +24,7 @@ from .errors import (
 from .grant import GrantStore, TokenSet
 from .grant_cache import GrantCache
 from .oauth import OAuthClient
-from .refresh_policy import (
-    FORCE,
-    IF_DUE,
-    Force,
-    IfDue,
-    RefreshIntent,
-    Rejected,
-    must_refresh_at,
-    refresh_due_at,
-)
-
-__all__ = [
-    "FORCE",
-    "IF_DUE",
-    "Force",
-    "IfDue",
-    "RefreshIntent",
-    "Rejected",
-    "TokenProvider",
-    "refresh_due_at",
-]
+from .refresh_policy import IF_DUE, Force, RefreshIntent, Rejected, must_refresh_at, refresh_due_at
 
 log = logging.getLogger("closeproxy.tokens")
 
@@ -293,9 +273,9 @@ class TokenProvider:
             except LoginRequired:
                 self._counters.refresh_rejected += 1
                 # Record it in the store so no process spends another request on it.
-                dead = tokens.rejected("invalid_grant")
-                self.cache.adopt(dead, await self.store.save(dead, expected=version))
-                raise
+                if await self.cache.store_rejected(tokens, expected=version):
+                    raise
+                return self.usable(self.cache.tokens), True  # newer tokens in the store
             fresh = TokenSet.from_reply(
                 reply, received_at=sent_at, api_url=self.api_url, previous=tokens
             )

@@ -31,9 +31,10 @@ from closeproxy.errors import LoginRequired, TokenServiceUnavailable, TokenStore
 from closeproxy.file_store import FileGrantStore
 from closeproxy.grant import TokenSet
 from closeproxy.oauth import OAuthClient
+from closeproxy.refresh_policy import FORCE, Rejected
 from closeproxy.server import running
 from closeproxy.sim import RunningSim
-from closeproxy.tokens import FORCE, Rejected, TokenProvider
+from closeproxy.tokens import TokenProvider
 
 
 class Tmpfs:

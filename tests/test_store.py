@@ -452,7 +452,7 @@ from closeproxy.app import client_session
 from closeproxy.config import load_settings
 from closeproxy.errors import LoginRequired
 from closeproxy.file_store import FileGrantStore
-from closeproxy.tokens import FORCE
+from closeproxy.refresh_policy import FORCE
 from closeproxy.wiring import token_provider
 
 IDLE, REFRESHING, SAVING = range(3)

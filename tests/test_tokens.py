@@ -24,9 +24,9 @@ from closeproxy.app import client_session
 from closeproxy.errors import TokenStoreError
 from closeproxy.file_store import FileGrantStore
 from closeproxy.grant import TokenSet, Version
+from closeproxy.refresh_policy import FORCE
 from closeproxy.server import running
 from closeproxy.sim import RunningSim, run_sim
-from closeproxy.tokens import FORCE
 from closeproxy.wiring import token_provider
 
 
