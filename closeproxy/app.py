@@ -8,9 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
-from types import SimpleNamespace
 
-import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin
@@ -21,7 +19,7 @@ from .guard import Guard, Handler
 from .login import login_advice
 from .logs import CURRENT_REQUEST_ID, KEY_NAME, REQUEST_ID, register_secret
 from .metrics import Metrics, RefreshCounts
-from .oauth import DEFAULT_BACKOFF, OAuthClient
+from .oauth import DEFAULT_BACKOFF
 from .pacing import ClientLimits
 from .proxy import API_PREFIX, Forwarder
 from .ratelimit import WAITED
@@ -29,89 +27,14 @@ from .responses import ERROR_CODE, error_response
 from .services import SERVICES, Services
 from .store import TokenStore
 from .tokens import TokenProvider
-from .upstream_proxy import UpstreamRoute
+from .upstream import client_session, oauth_client
 
-# aiohttp would otherwise add these to forwarded requests; the proxy must not invent
-# an Accept-Encoding the client never sent (the body would come back compressed).
-SKIP_AUTO_HEADERS: frozenset[str] = frozenset(
-    {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
-)
 log = logging.getLogger("closeproxy.app")
-UPSTREAM_READ_BUFFER = 256 * 1024
 OTHER_PATHS = r"/{tail:(?!admin/|healthz$|api/v1/).*}"
-# Beyond the forwarder's own connections (which it counts itself): room for token
-# requests, so that a pool full of API calls never delays a refresh.
-TOKEN_CONNECTIONS = 8
 
 
 # A client that hangs up before its answer is complete (nginx's code for it).
 CLIENT_CLOSED = 499
-
-
-def upstream_timing(metrics: Metrics) -> aiohttp.TraceConfig:
-    """Times each /api/v1/ request to Close up to its response head, from outside proxy.py."""
-
-    async def start(
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestStartParams,
-    ) -> None:
-        ctx.started = time.perf_counter()
-
-    async def end(
-        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        if params.url.raw_path.startswith(API_PREFIX):
-            metrics.upstream(time.perf_counter() - ctx.started)
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(start)
-    trace.on_request_end.append(end)
-    return trace
-
-
-def client_session(
-    route: UpstreamRoute | None = None,
-    connections: int = 256,
-    metrics: Metrics | None = None,
-) -> aiohttp.ClientSession:
-    """The one pooled, keep-alive session that carries every upstream request.
-
-    `route` names the outbound proxy, if any. The environment is never consulted here
-    (trust_env=False): it would also bring ~/.netrc credentials onto requests to Close.
-    """
-    if route is not None and route.proxy is not None:
-        register_secret(route.proxy.password, permanent=True)
-    connector = aiohttp.TCPConnector(
-        limit=connections + TOKEN_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        # Cookies Close sets must never ride along on another client's request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-        read_bufsize=UPSTREAM_READ_BUFFER,
-        timeout=aiohttp.ClientTimeout(total=None),
-        trust_env=False,
-        proxy=route.session_proxy() if route is not None else None,
-        trace_configs=[upstream_timing(metrics)] if metrics is not None else None,
-    )
-
-
-def oauth_client(
-    settings: Settings, session: aiohttp.ClientSession, backoff: Sequence[float] = DEFAULT_BACKOFF
-) -> OAuthClient | None:
-    """The OAuth client when credentials are configured; without, tokens just can't refresh."""
-    if not settings.client_id or settings.client_secret is None:
-        return None
-    return OAuthClient(
-        session,
-        api_url=settings.api_url,
-        client_id=settings.client_id,
-        client_secret=settings.client_secret,
-        backoff=backoff,
-    )
 
 
 def _watch(metrics: Metrics, provider: TokenProvider) -> None:

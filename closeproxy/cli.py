@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, terminal_login
-from .app import client_session, oauth_client
 from .config import (
     DEFAULT_PORT,
     OPTIONS,
@@ -36,6 +35,7 @@ from .runner import run_command
 from .server import Listening, serve
 from .store import TokenStore
 from .tokens import TokenProvider, refresh_due_at, status_document
+from .upstream import client_session, oauth_client
 
 _CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")
 _LOGGING = ("log_level", "log_format")

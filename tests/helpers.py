@@ -260,8 +260,8 @@ async def provider_against_token_endpoint(
     """
     from aiohttp import web
 
-    from closeproxy.app import client_session, oauth_client
     from closeproxy.tokens import TokenProvider
+    from closeproxy.upstream import client_session, oauth_client
 
     app = web.Application()
     app.router.add_post("/oauth2/token/", reply)

@@ -26,13 +26,13 @@ from helpers import (
     seed_tokens,
 )
 
-from closeproxy.app import client_session
 from closeproxy.errors import LoginRequired, TokenServiceUnavailable, TokenStoreError
 from closeproxy.oauth import OAuthClient
 from closeproxy.server import running
 from closeproxy.sim import RunningSim
 from closeproxy.store import TokenSet, TokenStore
 from closeproxy.tokens import TokenProvider
+from closeproxy.upstream import client_session
 
 
 class Tmpfs:

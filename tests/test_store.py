@@ -447,7 +447,7 @@ SIM_LISTENING = re.compile(r"simulator listening on (http://\S+)")
 
 REFRESH_LOOP = f"""
 import asyncio, mmap, struct, sys
-from closeproxy.app import client_session, oauth_client
+from closeproxy.upstream import client_session, oauth_client
 from closeproxy.config import load_settings
 from closeproxy.errors import LoginRequired
 from closeproxy.store import TokenStore

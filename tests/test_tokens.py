@@ -20,12 +20,12 @@ from helpers import (
     seed_tokens,
 )
 
-from closeproxy.app import client_session, oauth_client
 from closeproxy.errors import TokenStoreError
 from closeproxy.server import running
 from closeproxy.sim import RunningSim, run_sim
 from closeproxy.store import Fingerprint, TokenSet, TokenStore
 from closeproxy.tokens import TokenProvider
+from closeproxy.upstream import client_session, oauth_client
 
 
 def stored(token_file: Path) -> TokenSet:
