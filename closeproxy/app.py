@@ -12,6 +12,7 @@ from functools import partial
 from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin
+from .admin_routes import LISTED
 from .config import Settings
 from .dashboard import PageTokens, Recent, RecentRequest
 from .errors import TokenStoreError
@@ -225,9 +226,7 @@ class Front:
             return error_response(
                 404,
                 "not_proxied",
-                f"only {API_PREFIX} is forwarded to Close; admin routes are /healthz, "
-                "/metrics, /admin/ (the dashboard), /admin/status, /admin/refresh, "
-                "/admin/revoke, /admin/login",
+                f"only {API_PREFIX} is forwarded to Close; admin routes are {LISTED}",
             )
 
 

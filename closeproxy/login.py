@@ -19,9 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 from yarl import URL
 
+from .admin_routes import CALLBACK_PATH
 from .config import Settings, is_loopback_host
 from .errors import ConfigError, LoginFailed, ServiceError, TokenStoreError
-from .guard import CALLBACK_PATH
 from .oauth import OAuthClient, authorize_url, pkce_pair
 from .store import TokenSet, TokenStore
 
