@@ -33,6 +33,7 @@ from .login import retire_previous
 from .logs import setup_logging
 from .runner import run_command
 from .server import Listening, serve
+from .signals import on_signals
 from .store import TokenStore
 from .tokens import TokenProvider, refresh_due_at, status_document
 from .upstream import client_session, oauth_client
@@ -77,10 +78,10 @@ def _run_until_signal(main: Coroutine[Any, Any, int]) -> int:
     async def guarded() -> int:
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, _cancel, task, signum, received)
-        return await main
+        with on_signals(
+            (signal.SIGTERM, signal.SIGHUP), lambda signum: _cancel(task, signum, received)
+        ):
+            return await main
 
     try:
         return asyncio.run(guarded())
