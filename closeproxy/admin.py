@@ -14,9 +14,9 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from yarl import URL
 
-from . import __version__, dashboard
+from . import __version__, admin_routes, dashboard
+from .admin_routes import ADMIN_ROUTES, CALLBACK_PATH, AdminRoute
 from .errors import CloseProxyError, ConfigError, ServiceError, TokenStoreError
-from .guard import CALLBACK_PATH
 from .login import (
     PAGE_HEADERS,
     Callback,
@@ -238,13 +238,20 @@ async def admin_callback(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application, *, expect_handler: ExpectHandler) -> None:
     """The admin routes; `expect_handler` checks an `Expect: 100-continue` request first."""
-    router = app.router
-    router.add_get("/healthz", healthz, expect_handler=expect_handler)
-    router.add_get("/metrics", metrics, expect_handler=expect_handler)
-    router.add_get("/admin/", admin_page, expect_handler=expect_handler)
-    router.add_get("/admin", admin_redirect, expect_handler=expect_handler)
-    router.add_get("/admin/status", admin_status, expect_handler=expect_handler)
-    router.add_post("/admin/refresh", admin_refresh, expect_handler=expect_handler)
-    router.add_post("/admin/revoke", admin_revoke, expect_handler=expect_handler)
-    router.add_get("/admin/login", admin_login, expect_handler=expect_handler)
-    router.add_get(CALLBACK_PATH, admin_callback, expect_handler=expect_handler)
+    handlers: dict[AdminRoute, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+        admin_routes.HEALTHZ: healthz,
+        admin_routes.METRICS: metrics,
+        admin_routes.PAGE: admin_page,
+        admin_routes.PAGE_REDIRECT: admin_redirect,
+        admin_routes.STATUS: admin_status,
+        admin_routes.REFRESH: admin_refresh,
+        admin_routes.REVOKE: admin_revoke,
+        admin_routes.LOGIN: admin_login,
+        admin_routes.CALLBACK: admin_callback,
+    }
+    for route in ADMIN_ROUTES:
+        handler = handlers[route]  # a route declared without its handler fails at start
+        if route.method == "GET":
+            app.router.add_get(route.path, handler, expect_handler=expect_handler)
+        else:
+            app.router.add_route(route.method, route.path, handler, expect_handler=expect_handler)

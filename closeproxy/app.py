@@ -8,12 +8,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
-from types import SimpleNamespace
 
-import aiohttp
 from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin
+from .admin_routes import LISTED
 from .config import Settings
 from .dashboard import PageTokens, Recent, RecentRequest
 from .guard import Guard, Handler
@@ -27,75 +26,15 @@ from .ratelimit import WAITED
 from .responses import ERROR_CODE, error_response
 from .services import SERVICES, Services
 from .tokens import TokenProvider
-from .upstream_proxy import UpstreamRoute
+from .upstream import client_session
 from .wiring import token_provider
 
-# aiohttp would otherwise add these to forwarded requests; the proxy must not invent
-# an Accept-Encoding the client never sent (the body would come back compressed).
-SKIP_AUTO_HEADERS: frozenset[str] = frozenset(
-    {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
-)
 log = logging.getLogger("closeproxy.app")
-UPSTREAM_READ_BUFFER = 256 * 1024
 OTHER_PATHS = r"/{tail:(?!admin/|healthz$|api/v1/).*}"
-# Beyond the forwarder's own connections (which it counts itself): room for token
-# requests, so that a pool full of API calls never delays a refresh.
-TOKEN_CONNECTIONS = 8
 
 
 # A client that hangs up before its answer is complete (nginx's code for it).
 CLIENT_CLOSED = 499
-
-
-def upstream_timing(metrics: Metrics) -> aiohttp.TraceConfig:
-    """Times each /api/v1/ request to Close up to its response head, from outside proxy.py."""
-
-    async def start(
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestStartParams,
-    ) -> None:
-        ctx.started = time.perf_counter()
-
-    async def end(
-        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        if params.url.raw_path.startswith(API_PREFIX):
-            metrics.upstream(time.perf_counter() - ctx.started)
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(start)
-    trace.on_request_end.append(end)
-    return trace
-
-
-def client_session(
-    route: UpstreamRoute | None = None,
-    connections: int = 256,
-    metrics: Metrics | None = None,
-) -> aiohttp.ClientSession:
-    """The one pooled, keep-alive session that carries every upstream request.
-
-    `route` names the outbound proxy, if any. The environment is never consulted here
-    (trust_env=False): it would also bring ~/.netrc credentials onto requests to Close.
-    """
-    if route is not None and route.proxy is not None:
-        register_secret(route.proxy.password, permanent=True)
-    connector = aiohttp.TCPConnector(
-        limit=connections + TOKEN_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=30
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        # Cookies Close sets must never ride along on another client's request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-        read_bufsize=UPSTREAM_READ_BUFFER,
-        timeout=aiohttp.ClientTimeout(total=None),
-        trust_env=False,
-        proxy=route.session_proxy() if route is not None else None,
-        trace_configs=[upstream_timing(metrics)] if metrics is not None else None,
-    )
 
 
 def _watch(metrics: Metrics, provider: TokenProvider) -> None:
@@ -282,9 +221,7 @@ class Front:
             return error_response(
                 404,
                 "not_proxied",
-                f"only {API_PREFIX} is forwarded to Close; admin routes are /healthz, "
-                "/metrics, /admin/ (the dashboard), /admin/status, /admin/refresh, "
-                "/admin/revoke, /admin/login",
+                f"only {API_PREFIX} is forwarded to Close; admin routes are {LISTED}",
             )
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, terminal_login
-from .app import client_session
 from .config import (
     DEFAULT_PORT,
     OPTIONS,
@@ -37,8 +36,10 @@ from .refresh_policy import FORCE, refresh_due_at
 from .revoke import revoke
 from .runner import run_command
 from .server import Listening, serve
+from .signals import on_signals
 from .status import status_document
 from .tokens import TokenProvider
+from .upstream import client_session
 from .wiring import open_store, token_provider
 
 _CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")
@@ -81,10 +82,10 @@ def _run_until_signal(main: Coroutine[Any, Any, int]) -> int:
     async def guarded() -> int:
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, _cancel, task, signum, received)
-        return await main
+        with on_signals(
+            (signal.SIGTERM, signal.SIGHUP), lambda signum: _cancel(task, signum, received)
+        ):
+            return await main
 
     try:
         return asyncio.run(guarded())

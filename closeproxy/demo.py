@@ -20,7 +20,8 @@ from yarl import URL
 
 from .config import Secret, Settings
 from .errors import CloseProxyError, ConfigError
-from .server import STOP_SIGNALS, Listening, running
+from .server import Listening, running
+from .signals import STOP_SIGNALS, on_signals
 from .sim import SimConfig, run_sim
 
 DEMO_TOKEN_LIFETIME = 60.0
@@ -86,48 +87,44 @@ async def demo(
 ) -> int:
     """Run until Ctrl-C (or `exit_after` seconds); the token file lives in a temp dir."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        with tempfile.TemporaryDirectory(prefix="closeproxy-demo-") as tmp:
-            sim_config = SimConfig(
-                token_lifetime=DEMO_TOKEN_LIFETIME,
-                group_rate_limits={DEMO_RATE_GROUP: DEMO_RATE_LIMIT},
-                seed=seed,
+    with (
+        on_signals(STOP_SIGNALS, lambda signum: stop.set()),
+        tempfile.TemporaryDirectory(prefix="closeproxy-demo-") as tmp,
+    ):
+        sim_config = SimConfig(
+            token_lifetime=DEMO_TOKEN_LIFETIME,
+            group_rate_limits={DEMO_RATE_GROUP: DEMO_RATE_LIMIT},
+            seed=seed,
+        )
+        async with run_sim(sim_config) as sim:
+            demo_settings = Settings(
+                client_id=sim_config.client_id,
+                client_secret=Secret(sim_config.client_secret),
+                api_url=URL(sim.url),
+                app_url=URL(sim.url),
+                host="127.0.0.1",
+                port=settings.port,
+                token_file=Path(tmp) / "tokens.json",
+                log_level=settings.log_level,
+                log_format=settings.log_format,
             )
-            async with run_sim(sim_config) as sim:
-                demo_settings = Settings(
-                    client_id=sim_config.client_id,
-                    client_secret=Secret(sim_config.client_secret),
-                    api_url=URL(sim.url),
-                    app_url=URL(sim.url),
-                    host="127.0.0.1",
-                    port=settings.port,
-                    token_file=Path(tmp) / "tokens.json",
-                    log_level=settings.log_level,
-                    log_format=settings.log_format,
+            config = write_demo_config(Path(tmp), sim_config, sim.url)
+            async with _running_somewhere(demo_settings, say) as where:
+                await _log_in_through_the_proxy(where.url)
+                say(
+                    f"closeproxy demo: a simulated Close runs at {sim.url} and the proxy, "
+                    f"logged in to it, at {where.url}\n"
+                    f"listening on {where.url}\n\nTry:\n"
+                    + "".join(f"  {line}\n" for line in demo_commands(where.url))
+                    + "\nTo point closeproxy status, token, refresh and run -- CMD at the "
+                    "demo (in another terminal):\n"
+                    f"  export CLOSEPROXY_CONFIG={shlex.quote(str(config))}\n"
+                    f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
+                    "show up in the log. Ctrl-C stops the demo."
                 )
-                config = write_demo_config(Path(tmp), sim_config, sim.url)
-                async with _running_somewhere(demo_settings, say) as where:
-                    await _log_in_through_the_proxy(where.url)
-                    say(
-                        f"closeproxy demo: a simulated Close runs at {sim.url} and the proxy, "
-                        f"logged in to it, at {where.url}\n"
-                        f"listening on {where.url}\n\nTry:\n"
-                        + "".join(f"  {line}\n" for line in demo_commands(where.url))
-                        + "\nTo point closeproxy status, token, refresh and run -- CMD at the "
-                        "demo (in another terminal):\n"
-                        f"  export CLOSEPROXY_CONFIG={shlex.quote(str(config))}\n"
-                        f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
-                        "show up in the log. Ctrl-C stops the demo."
-                    )
-                    say(rate_limit_demo(where.url))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), exit_after)
-    finally:
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
+                say(rate_limit_demo(where.url))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), exit_after)
     return 0
 
 

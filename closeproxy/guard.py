@@ -18,6 +18,7 @@ from urllib.parse import unquote
 from aiohttp import HttpVersion10, web
 from multidict import CIMultiDictProxy
 
+from .admin_routes import CROSS_SITE_ROUTES, KEYLESS_PATHS
 from .config import LOOPBACK_NAMES, PROXY_KEY_NAME, ScopedKey, Secret
 from .logs import KEY_NAME
 from .proxy import API_PREFIX
@@ -27,10 +28,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MIN_HTTP_VERSION: Final = HttpVersion10
 REFUSED_METHODS: frozenset[str] = frozenset({"CONNECT", "TRACE", "TRACK"})
-# Paths a browser reaches by navigation, where no key or Origin check can apply: the
-# OAuth callback is protected by its single-use state instead.
-CALLBACK_PATH = "/admin/callback"
-KEYLESS_PATHS: frozenset[str] = frozenset({"/healthz", CALLBACK_PATH})
 CROSS_SITE: frozenset[str] = frozenset({"cross-site", "same-site"})
 DEFAULT_PORTS: dict[str, str] = {"http": "80", "https": "443"}
 # Paths: visible ASCII without backslash, and every % starts a valid escape. Queries
@@ -175,7 +172,7 @@ class Guard:
                 "this Host name is not allowed (DNS rebinding protection): connect to "
                 "127.0.0.1 or localhost, or add the name with --allow-host",
             )
-        if not (path == CALLBACK_PATH and method == "GET") and self._cross_site(request):
+        if (path, method) not in CROSS_SITE_ROUTES and self._cross_site(request):
             return error_response(
                 403,
                 "forbidden_origin",

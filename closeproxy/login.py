@@ -18,10 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 from yarl import URL
 
+from .admin_routes import CALLBACK_PATH
 from .config import Settings, is_loopback_host
 from .errors import ConfigError, LoginFailed, ServiceError, TokenStoreError
 from .grant import GrantStore, TokenSet, Version
-from .guard import CALLBACK_PATH
 from .oauth import OAuthClient, authorize_url, pkce_pair
 
 log = logging.getLogger("closeproxy.login")

@@ -14,6 +14,7 @@ from dataclasses import replace
 from .config import PROXY_KEY_NAME, ScopedKey, Secret, Settings
 from .errors import CloseProxyError
 from .server import running, warn_at_start
+from .signals import on_signals
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGINT,
@@ -91,7 +92,6 @@ async def run_command(
             raise CommandFailed(f"command not found: {argv[0]}", exit_code=127) from None
         except PermissionError:
             raise CommandFailed(f"permission denied: {argv[0]}", exit_code=126) from None
-        loop = asyncio.get_running_loop()
         skip_sigint = _terminal_delivers_sigint()
 
         def forward(signum: signal.Signals) -> None:
@@ -100,13 +100,10 @@ async def run_command(
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
-        for signum in FORWARDED_SIGNALS:
-            loop.add_signal_handler(signum, forward, signum)
         try:
-            status = await child.wait()
+            with on_signals(FORWARDED_SIGNALS, forward):
+                status = await child.wait()
         finally:
-            for signum in FORWARDED_SIGNALS:
-                loop.remove_signal_handler(signum)
             if child.returncode is None:  # we are failing ourselves: take the child along
                 with contextlib.suppress(ProcessLookupError):
                     child.terminate()

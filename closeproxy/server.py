@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import resource
-import signal
 import socket
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,11 +23,10 @@ from .file_store import FileGrantStore
 from .login import login_advice
 from .logs import AccessLogger
 from .oauth import DEFAULT_BACKOFF
+from .signals import STOP_SIGNALS, on_signals
 
 log = logging.getLogger("closeproxy.server")
 
-# A terminal closing (SIGHUP) stops the proxy as cleanly as Ctrl-C or `kill`.
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Bounded so a stuck client cannot hold shutdown (and a token write) forever.
 DRAIN_SECONDS = 30.0
 MAX_REQUEST_LINE = 16 * 1024
@@ -293,10 +291,7 @@ async def serve(
 ) -> None:
     """Serve until SIGINT, SIGTERM or SIGHUP (or `stop`), then drain in-flight requests."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with on_signals(STOP_SIGNALS, lambda signum: stop.set()):
         async with running(settings) as where:
             on_ready(where)
             log.info("proxy for %s listening on %s", settings.api_url, where.url)
@@ -309,6 +304,3 @@ async def serve(
             )
             await stop.wait()
             log.info("stopping: draining in-flight requests (at most %.0f s)", DRAIN_SECONDS)
-    finally:
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)

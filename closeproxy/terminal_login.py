@@ -8,12 +8,7 @@ address it landed on can be pasted instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import os
-import sys
-import threading
-import webbrowser
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -37,30 +32,7 @@ from .login import (
     success_page,
 )
 from .oauth import OAuthClient
-
-# On a terminal, the countdown in front of the prompt is redrawn this often.
-TICK = 1.0
-# DEC save / restore cursor: the countdown is redrawn without moving what the user typed.
-_SAVE, _RESTORE, _CLEAR_LINE = "\0337", "\0338", "\r\033[K"
-
-
-def can_open_browser() -> bool:
-    """Only where a graphical browser can appear: a console browser would take the terminal."""
-    return bool(
-        os.environ.get("BROWSER")
-        or os.environ.get("DISPLAY")
-        or os.environ.get("WAYLAND_DISPLAY")
-        or sys.platform in {"darwin", "win32"}
-    )
-
-
-async def open_browser(url: str) -> bool:
-    if not can_open_browser():
-        return False
-    try:
-        return await asyncio.to_thread(webbrowser.open, url)
-    except webbrowser.Error:
-        return False
+from .terminal import Prompt, StdinLines, open_browser
 
 
 async def login(
@@ -91,17 +63,16 @@ class _Flow:
     pending: PendingLogin
     err: TextIO
     claimed: bool = False  # set before the code exchange: one answer only, whoever wins
-    # The prompt line on a terminal: whether it is open (no newline yet), and for redraws.
-    _prompt_open: bool = field(default=False, init=False)
-    _deadline: float = field(default=0.0, init=False)
-    _listening: bool = field(default=False, init=False)
+    prompt: Prompt = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt = Prompt(self.err)
 
     def say(self, text: str) -> None:
-        print(text, file=self.err, flush=True)
+        self.prompt.say(text)
 
-    @property
-    def on_terminal(self) -> bool:
-        return sys.stdin.isatty() and self.err.isatty()
+    def note(self, text: str) -> None:
+        self.prompt.note(text)
 
     async def show_url(self, *, browser: bool) -> None:
         url = self.pending.url
@@ -212,18 +183,19 @@ class _Flow:
         timeout = self.settings.login_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        lines = _StdinLines(loop)
-        self._prompt_open, self._deadline, self._listening = False, deadline, listening
-        interactive = self.on_terminal
+        lines = StdinLines(loop)
+        prompt = self.prompt
+        prompt.is_open, prompt.deadline, prompt.listening = False, deadline, listening
+        interactive = prompt.on_terminal
         if not interactive:
             self.say(f"waiting for the browser… (up to {timeout:g} s; Ctrl-C to cancel)")
-        ticker = asyncio.ensure_future(self._tick(deadline)) if interactive else None
+        ticker = asyncio.ensure_future(prompt.tick(deadline)) if interactive else None
         reading = True
         get: asyncio.Future[str | None] | None = None
         try:
             while True:
-                if interactive and not self._prompt_open:
-                    self._open_prompt()
+                if interactive and not prompt.is_open:
+                    prompt.show()
                 if reading and get is None:
                     get = asyncio.ensure_future(lines.get())
                 waiting: set[asyncio.Future[Any]] = {done}
@@ -233,10 +205,10 @@ class _Flow:
                     waiting, timeout=max(deadline - loop.time(), 0), return_when="FIRST_COMPLETED"
                 )
                 if done in finished:
-                    self._close_prompt(erase=True)
+                    prompt.close(erase=True)
                     return done.result()
                 if not finished:
-                    self._close_prompt(erase=False)
+                    prompt.close(erase=False)
                     what = "no callback arrived" if listening else "nothing was pasted"
                     raise LoginFailed(
                         f"{what} within {timeout:g} s: run `closeproxy login` again (or raise "
@@ -244,7 +216,7 @@ class _Flow:
                     )
                 assert get is not None
                 line, get = get.result(), None
-                self._prompt_open = False  # the user pressed Enter: the line has ended
+                prompt.is_open = False  # the user pressed Enter: the line has ended
                 if line is None:  # end of input
                     reading = False
                     if listening:
@@ -262,7 +234,7 @@ class _Flow:
             if get is not None:
                 get.cancel()
             # Ctrl-C (a cancellation) or any error: end the prompt line before what follows.
-            self._close_prompt(erase=False)
+            prompt.close(erase=False)
 
     async def _pasted(self, line: str, *, final: bool) -> LoginResult | None:
         """Tokens for a valid pasted answer; None to keep waiting after a wrong one."""
@@ -280,76 +252,3 @@ class _Flow:
             return None
         self.claimed = True
         return await self._finish(received)
-
-    # --- the prompt and its countdown --------------------------------------------------
-
-    def note(self, text: str) -> None:
-        """A message while the prompt may be open: on its own line, then the prompt again."""
-        if not self._prompt_open:
-            self.say(text)
-            return
-        self.err.write(_CLEAR_LINE)
-        self.say(text)
-        self._open_prompt()
-
-    def _stamp(self, deadline: float) -> str:
-        left = max(int(deadline - asyncio.get_running_loop().time() + 0.999), 0)
-        return f"[{left // 60:>2}:{left % 60:02} left]"
-
-    def _open_prompt(self) -> None:
-        ask = (
-            "paste the address here, or wait for the browser"
-            if self._listening
-            else "paste it here"
-        )
-        self.err.write(f"{self._stamp(self._deadline)} {ask} (Ctrl-C cancels): ")
-        self.err.flush()
-        self._prompt_open = True
-
-    def _close_prompt(self, *, erase: bool) -> None:
-        if not self._prompt_open:
-            return
-        self._prompt_open = False
-        self.err.write(_CLEAR_LINE if erase else "\n")
-        self.err.flush()
-        if erase:
-            _discard_typed_input()
-
-    async def _tick(self, deadline: float) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            if self._prompt_open:
-                self.err.write(f"{_SAVE}\r{self._stamp(deadline)}{_RESTORE}")
-                self.err.flush()
-
-
-def _discard_typed_input() -> None:
-    """Half-typed input must not reach the shell once the browser has answered."""
-    with contextlib.suppress(Exception):
-        import termios
-
-        termios.tcflush(sys.stdin.fileno(), termios.TCIFLUSH)
-
-
-class _StdinLines:
-    """Lines from stdin, read by a daemon thread (a blocked read never holds up exit)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self._loop = loop
-        threading.Thread(target=self._read, name="closeproxy-stdin", daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                line = sys.stdin.readline()
-            except (OSError, ValueError):
-                line = ""
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, line or None)
-            if not line:
-                return
-
-    async def get(self) -> str | None:
-        """The next line; None at the end of input."""
-        return await self._queue.get()

@@ -14,29 +14,15 @@ import aiohttp
 from .config import Settings
 from .file_store import FileGrantStore
 from .grant import GrantStore
-from .oauth import DEFAULT_BACKOFF, OAuthClient
+from .oauth import DEFAULT_BACKOFF
 from .tokens import DEFAULT_LOGIN_ADVICE, REQUEST_WAIT, TokenProvider
+from .upstream import oauth_client
 
 
 def open_store(settings: Settings) -> GrantStore:
     """The grant store the settings name. Today always the token file."""
     # Issue 12: `if settings.token_store != "file": return RedisGrantStore(...)` goes here.
     return FileGrantStore(settings.token_file)
-
-
-def oauth_client(
-    settings: Settings, session: aiohttp.ClientSession, backoff: Sequence[float] = DEFAULT_BACKOFF
-) -> OAuthClient | None:
-    """The OAuth client when credentials are configured; without, tokens just can't refresh."""
-    if not settings.client_id or settings.client_secret is None:
-        return None
-    return OAuthClient(
-        session,
-        api_url=settings.api_url,
-        client_id=settings.client_id,
-        client_secret=settings.client_secret,
-        backoff=backoff,
-    )
 
 
 def token_provider(

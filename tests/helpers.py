@@ -261,7 +261,7 @@ async def provider_against_token_endpoint(
     """
     from aiohttp import web
 
-    from closeproxy.app import client_session
+    from closeproxy.upstream import client_session
     from closeproxy.wiring import token_provider
 
     app = web.Application()

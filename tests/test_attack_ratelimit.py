@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from helpers import ProxyFactory, seed_tokens
 
-from closeproxy.ratelimit import WAIT_HEADER
+from closeproxy.ratelimit_headers import WAIT_HEADER
 from closeproxy.sim import RunningSim
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -26,7 +26,6 @@ from helpers import (
     seed_tokens,
 )
 
-from closeproxy.app import client_session
 from closeproxy.errors import LoginRequired, TokenServiceUnavailable, TokenStoreError
 from closeproxy.file_store import FileGrantStore
 from closeproxy.grant import TokenSet
@@ -35,6 +34,7 @@ from closeproxy.refresh_policy import FORCE, Rejected
 from closeproxy.server import running
 from closeproxy.sim import RunningSim
 from closeproxy.tokens import TokenProvider
+from closeproxy.upstream import client_session
 
 
 class Tmpfs:

@@ -1,4 +1,4 @@
-"""ratelimit.py's pure parts: Close's headers, groups, jitter, gates and the budget (§9)."""
+"""The rate limits' pure parts: Close's headers, groups, jitter, gates and the budget (§9)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,13 @@ import pytest
 
 from closeproxy.config import load_settings
 from closeproxy.errors import ConfigError
-from closeproxy.ratelimit import (
+from closeproxy.ratelimit import RateLimits
+from closeproxy.ratelimit_gate import GroupGate, fits, group_segment, jitter
+from closeproxy.ratelimit_headers import (
     DEFAULT_WAIT,
     BadWaitHeader,
-    GroupGate,
     RateLimitReport,
-    RateLimits,
     announced_wait,
-    fits,
-    group_segment,
-    jitter,
     parse_ratelimit,
     parse_retry_after,
     request_budget,

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from helpers import Proxy, ProxyFactory, cli_env, seed_tokens, start_demo
 
-from closeproxy.ratelimit import WAIT_HEADER
+from closeproxy.ratelimit_headers import WAIT_HEADER
 from closeproxy.sim import RunningSim
 
 LEADS = "/api/v1/lead/"

@@ -448,7 +448,7 @@ SIM_LISTENING = re.compile(r"simulator listening on (http://\S+)")
 
 REFRESH_LOOP = f"""
 import asyncio, mmap, struct, sys
-from closeproxy.app import client_session
+from closeproxy.upstream import client_session
 from closeproxy.config import load_settings
 from closeproxy.errors import LoginRequired
 from closeproxy.file_store import FileGrantStore

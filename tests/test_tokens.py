@@ -20,13 +20,13 @@ from helpers import (
     seed_tokens,
 )
 
-from closeproxy.app import client_session
 from closeproxy.errors import TokenStoreError
 from closeproxy.file_store import FileGrantStore
 from closeproxy.grant import TokenSet, Version
 from closeproxy.refresh_policy import FORCE
 from closeproxy.server import running
 from closeproxy.sim import RunningSim, run_sim
+from closeproxy.upstream import client_session
 from closeproxy.wiring import token_provider
 
 

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from closeproxy.signals import on_signals
 from closeproxy.sim.app import SimConfig, run_sim
 from closeproxy.sim.org import DataFileError
 
@@ -95,12 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(config: SimConfig, host: str, port: int) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with run_sim(config, host, port) as sim:
-        print(f"simulator listening on {sim.url}", flush=True)
-        await stop.wait()
+    with on_signals((signal.SIGINT, signal.SIGTERM), lambda signum: stop.set()):
+        async with run_sim(config, host, port) as sim:
+            print(f"simulator listening on {sim.url}", flush=True)
+            await stop.wait()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
