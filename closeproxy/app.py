@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
@@ -129,11 +128,10 @@ class Front:
         self._metrics = metrics
         self._recent = recent
         self._ids = itertools.count(1)
-        self._prefix = f"{os.getpid():x}"
 
     def _tag(self, request: web.Request) -> None:
         if REQUEST_ID not in request:
-            request[REQUEST_ID] = f"{self._prefix}-{next(self._ids)}"
+            request[REQUEST_ID] = next(self._ids)
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         self._tag(request)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .access_log import AccessLogger
 from .app import create_app
 from .config import Settings
 from .errors import ConfigError, TokenStoreError
 from .file_store import FileGrantStore
 from .login import login_advice
-from .logs import AccessLogger
+from .logs import ACCESS_LOGGER
 from .oauth import DEFAULT_BACKOFF
 from .signals import STOP_SIGNALS, on_signals
 
@@ -65,7 +66,7 @@ async def running(
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("closeproxy.access"),
+        access_log=logging.getLogger(ACCESS_LOGGER),
         shutdown_timeout=DRAIN_SECONDS,
         handle_signals=False,
         # A client gets this long to send a request head; idle keep-alive ends then too.
