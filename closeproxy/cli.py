@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__, loop, terminal_login
+from . import __version__, terminal_login
 from .config import (
     DEFAULT_PORT,
     OPTIONS,
@@ -107,7 +107,7 @@ def _print_ready(where: Listening) -> None:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_serve()
     setup_logging(settings.log_level, settings.log_format)
-    loop.run(serve(settings, on_ready=_print_ready))
+    asyncio.run(serve(settings, on_ready=_print_ready))
     return 0
 
 
