@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from closeproxy.guard import check_target, full_target_check
-from closeproxy.proxy import (
+from closeproxy.proxy_headers import (
     CORS_PREFIX,
     REQUEST_DROP,
     RESPONSE_DROP,
