@@ -72,7 +72,7 @@ class TokenSet:
         api_url: str,
         previous: TokenSet | None = None,
     ) -> TokenSet:
-        """Build from a token endpoint reply already checked by oauth.parse_token_reply."""
+        """Build from a token endpoint reply already checked by oauth_reply.parse_token_reply."""
         expires_in = float(reply.get("expires_in") or 3600)
         refresh = reply.get("refresh_token")
         # A reply without a new refresh token leaves the old one in force (RFC 6749 §6).

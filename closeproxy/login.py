@@ -22,7 +22,8 @@ from .admin_routes import CALLBACK_PATH
 from .config import Settings, is_loopback_host
 from .errors import ConfigError, LoginFailed, ServiceError, TokenStoreError
 from .grant import GrantStore, TokenSet, Version
-from .oauth import OAuthClient, authorize_url, pkce_pair
+from .oauth import OAuthClient
+from .oauth_authorize import authorize_url, pkce_pair
 
 log = logging.getLogger("closeproxy.login")
 

@@ -1,4 +1,4 @@
-"""Talks to Close's /oauth2/ endpoints; the parsing of replies is pure and separate.
+"""Talks to Close's /oauth2/ endpoints; what their replies mean is read in oauth_reply.py.
 
 Retries are short and bounded, and they only cover failures that say nothing about
 the grant (no connection, a timeout, 5xx, 429). A retried refresh whose first attempt
@@ -8,13 +8,9 @@ did reach Close comes back invalid_grant, which is the truth about the grant the
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import logging
-import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,23 +18,17 @@ import aiohttp
 from yarl import URL
 
 from .config import Secret
-from .errors import (
-    LoginFailed,
-    LoginRequired,
-    TokenRequestRejected,
-    TokenServiceUnavailable,
-)
+from .errors import LoginFailed, LoginRequired, TokenServiceUnavailable
+from .oauth_reply import EndpointReply, rejected, token_body
 from .upstream_proxy import describe_failure, is_proxy_failure, refused_message
 
 log = logging.getLogger("closeproxy.oauth")
 
 TOKEN_PATH = "/oauth2/token/"  # noqa: S105 - a path, not a password
 REVOKE_PATH = "/oauth2/revoke/"
-AUTHORIZE_PATH = "/oauth2/authorize/"
 DEFAULT_BACKOFF: tuple[float, ...] = (0.5, 1.5)
 ATTEMPT_TIMEOUT = 15.0
 MAX_RETRY_AFTER = 5.0
-DEFAULT_EXPIRES_IN = 3600
 # Revoking is best effort after the local wipe: one quick retry, then say so.
 REVOKE_BACKOFF: tuple[float, ...] = (0.5,)
 REVOKE_TIMEOUT = 10.0
@@ -48,76 +38,6 @@ QUICK_REVOKE_TIMEOUT = 5.0
 # the new one, so it is waited for much longer than a request (clients get a 503 meanwhile).
 REFRESH_REPLY_TIMEOUT = 300.0
 FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-@dataclass(frozen=True)
-class EndpointReply:
-    """One answer of a token or revoke endpoint."""
-
-    status: int
-    body: Any  # parsed JSON, or None when the body was not JSON
-
-    @property
-    def error(self) -> str:
-        if isinstance(self.body, dict) and isinstance(self.body.get("error"), str):
-            return str(self.body["error"])
-        return f"HTTP {self.status}"
-
-
-def parse_token_reply(body: Any) -> dict[str, Any]:
-    """The usable parts of a successful token reply; ValueError only if there is no token.
-
-    Lenient on purpose: by the time a 200 arrives Close has rotated the refresh token, so
-    refusing the reply over a quirk (a string expires_in, an odd token_type) would throw
-    the only copy of the new refresh token away.
-    """
-    if not isinstance(body, dict):
-        raise ValueError("the reply is not a JSON object")
-    access = body.get("access_token")
-    if not isinstance(access, str) or not access:
-        raise ValueError("the reply has no access_token")
-    reply = dict(body)
-    try:
-        expires_in = float(body.get("expires_in", DEFAULT_EXPIRES_IN))
-    except (TypeError, ValueError):
-        expires_in = 0.0
-    if isinstance(body.get("expires_in"), bool) or not 0 < expires_in < float("inf"):
-        log.warning("token reply has an unusable expires_in; assuming %d s", DEFAULT_EXPIRES_IN)
-        expires_in = DEFAULT_EXPIRES_IN
-    reply["expires_in"] = expires_in
-    refresh = body.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not refresh):
-        log.warning("token reply has an unusable refresh_token; keeping the previous one")
-        reply.pop("refresh_token")
-    token_type = body.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        log.warning("token reply has token_type %r; sending it as Bearer", token_type)
-        reply["token_type"] = "Bearer"  # noqa: S105 - a scheme name, not a password
-    return reply
-
-
-def pkce_pair() -> tuple[str, str]:
-    """A PKCE code verifier (43+ chars, RFC 7636) and its S256 challenge."""
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def authorize_url(
-    app_url: URL,
-    *,
-    client_id: str,
-    state: str,
-    redirect_uri: str | None,
-    code_challenge: str | None,
-) -> str:
-    params: list[tuple[str, str]] = [("client_id", client_id), ("response_type", "code")]
-    if redirect_uri is not None:
-        params.append(("redirect_uri", redirect_uri))
-    params.append(("state", state))
-    if code_challenge is not None:
-        params += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
-    return str(app_url.with_path(app_url.path.rstrip("/") + AUTHORIZE_PATH).with_query(params))
 
 
 class OAuthClient:
@@ -160,13 +80,13 @@ class OAuthClient:
             retry_only_unsent=True,
         )
         if reply.status == 200:
-            return self._token_body(reply, "refresh")
+            return token_body(reply, "refresh")
         if reply.error == "invalid_grant":
             raise LoginRequired(
                 "Close rejected the stored refresh token (invalid_grant), so the grant is "
                 "gone: run `closeproxy login` to log in again"
             )
-        raise self._rejected(reply, "refresh the access token")
+        raise rejected(reply, "refresh the access token")
 
     async def exchange_code(
         self, code: str, *, redirect_uri: str | None, code_verifier: str | None
@@ -188,7 +108,7 @@ class OAuthClient:
             raise LoginFailed(str(exc)) from None
         if reply.status == 200:
             try:
-                return self._token_body(reply, "code exchange")
+                return token_body(reply, "code exchange")
             except TokenServiceUnavailable as exc:
                 raise LoginFailed(str(exc)) from None
         if reply.error == "invalid_grant":
@@ -197,7 +117,7 @@ class OAuthClient:
                 "and expire within minutes, and the redirect URI must match the one used to "
                 "log in; run `closeproxy login` again"
             )
-        raise LoginFailed(str(self._rejected(reply, "exchange the authorization code")))
+        raise LoginFailed(str(rejected(reply, "exchange the authorization code")))
 
     async def revoke(self, token: str, *, quick: bool = False) -> None:
         """Revoke a token at Close; any 2xx counts (RFC 7009 says unknown tokens are fine).
@@ -214,33 +134,9 @@ class OAuthClient:
             ),
         )
         if not 200 <= reply.status < 300:
-            raise self._rejected(reply, "revoke the grant")
+            raise rejected(reply, "revoke the grant")
 
     # --- plumbing ---------------------------------------------------------------------
-
-    def _token_body(self, reply: EndpointReply, what: str) -> dict[str, Any]:
-        try:
-            return parse_token_reply(reply.body)
-        except ValueError as exc:
-            if what == "refresh":
-                # A 200 means Close accepted the refresh token: it may be spent now.
-                raise TokenServiceUnavailable(
-                    f"Close's token endpoint answered the refresh with an unusable reply "
-                    f"({exc}), so it may already have spent the stored refresh token; the "
-                    "next refresh tells: if it answers login_required, run `closeproxy login`"
-                ) from None
-            raise TokenServiceUnavailable(
-                f"Close's token endpoint gave an unusable {what} reply ({exc}); "
-                "nothing was stored, try again later"
-            ) from None
-
-    def _rejected(self, reply: EndpointReply, what: str) -> TokenRequestRejected:
-        hint = (
-            "check the client id and client secret of your Close OAuth app"
-            if reply.error in {"invalid_client", "unauthorized_client"} or reply.status == 401
-            else "check the OAuth app settings in Close"
-        )
-        return TokenRequestRejected(f"Close refused to {what} ({reply.error}): {hint}")
 
     async def _post(
         self,
