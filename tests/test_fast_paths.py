@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from closeproxy.guard import check_target, full_target_check
+from closeproxy.guard_target import check_target, full_target_check
 from closeproxy.proxy_headers import (
     CORS_PREFIX,
     REQUEST_DROP,
