@@ -30,6 +30,7 @@ from .config import (
 )
 from .errors import CloseProxyError, ConfigError
 from .file_store import FileGrantStore
+from .grant import TokenSet
 from .login import retire_previous
 from .logs import setup_logging
 from .refresh_policy import FORCE, refresh_due_at
@@ -42,13 +43,14 @@ from .tokens import TokenProvider
 from .upstream import client_session
 from .wiring import open_store, token_provider
 
-_CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")
+_STORE = ("token_file", "token_store", "token_store_key", "token_store_secret")
+_CLIENT = ("client_id", "client_secret", "api_url", *_STORE, "upstream_proxy")
 _LOGGING = ("log_level", "log_format")
 _SERVE = tuple(o.name for o in OPTIONS if o.name != "login_timeout")
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": _SERVE,
     "login": (*_CLIENT, "redirect_uri", "app_url", "login_timeout", *_LOGGING),
-    "status": ("token_file", "api_url", "upstream_proxy"),
+    "status": (*_STORE, "api_url", "upstream_proxy"),
     "refresh": (*_CLIENT, *_LOGGING),
     "revoke": (*_CLIENT, *_LOGGING),
     "token": (*_CLIENT, "refresh_margin", *_LOGGING),
@@ -122,7 +124,14 @@ def _format_duration(seconds: float) -> str:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = open_store(settings)
     route = settings.upstream_route()
-    doc = status_document(asyncio.run(store.load()).tokens, store)
+
+    async def load() -> TokenSet | None:
+        try:
+            return (await store.load()).tokens
+        finally:
+            await store.aclose()
+
+    doc = status_document(asyncio.run(load()), store)
     doc["upstream_proxy"] = route.document()
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -143,7 +152,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         )
         rows.append(("access token", when))
         rows.append(("refreshable", "yes" if doc["can_refresh"] else "no"))
-    rows.append(("token file", doc["token_file"]))
+    if "token_file" in doc:
+        rows.append(("token file", doc["token_file"]))
+    else:
+        encrypted = "encrypted" if doc.get("encrypted") else "not encrypted"
+        store_row = f"{doc['token_store']} key {doc['token_store_key']} ({encrypted})"
+        rows.append(("token store", store_row))
     rows.append(("outbound", route.label))
     lines += [f"  {name:<13} {value}" for name, value in rows if value is not None]
     if doc.get("problem"):
@@ -220,7 +234,7 @@ def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
             return rescued
         print(
             f"refreshed: the new access token expires in "
-            f"{_format_duration(tokens.expires_in())}; saved to {settings.token_file}"
+            f"{_format_duration(tokens.expires_in())}; saved to {provider.store.describe()}"
         )
         return 0
 
@@ -243,7 +257,7 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
             tokens = result.tokens
             print(
                 f"logged in to Close: organization {tokens.organization_id or '?'}, "
-                f"user {tokens.user_id or '?'}\ntokens stored in {settings.token_file}",
+                f"user {tokens.user_id or '?'}\ntokens stored in {provider.store.describe()}",
                 flush=True,
             )
             if args.keep_previous:
@@ -271,12 +285,12 @@ def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
         async with _provider(settings, require_client=False) as provider:
             outcome = await revoke(provider)
         if not outcome.had_grant:
-            print(f"not logged in: nothing to revoke ({settings.token_file} does not exist)")
+            print(f"not logged in: nothing to revoke ({provider.store.describe()} is empty)")
             return 0
         if outcome.problem:
             print(f"closeproxy revoke: {outcome.problem}", file=sys.stderr)
             return 1
-        print(f"revoked the grant at Close and wiped {settings.token_file}")
+        print(f"revoked the grant at Close and wiped {provider.store.describe()}")
         return 0
 
     setup_logging(_quiet_level(settings), settings.log_format)

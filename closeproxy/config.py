@@ -21,6 +21,7 @@ import platformdirs
 from yarl import URL
 
 from .errors import ConfigError
+from .sealing import parse_key
 from .upstream_proxy import (
     DIRECT,
     PROXY_ENV_NAMES,
@@ -295,6 +296,9 @@ class Settings:
     port: int = DEFAULT_PORT
     unix_socket: Path | None = None
     token_file: Path = field(default_factory=default_token_file)
+    token_store: str = field(default="file", repr=False)  # a URL may hold a password: no repr
+    token_store_key: str = "closeproxy:grant"  # noqa: S105 - a key name, not a password
+    token_store_secret: Secret | None = None
     proxy_key: Secret | None = None
     log_format: str = "text"
     log_level: str = "info"
@@ -576,6 +580,33 @@ def _secret(name: str, what: str) -> Parser:
     return parse
 
 
+def _token_store(raw: Any, origin: Origin) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise _fail(origin, "expected 'file' or a redis:// URL", "token_store")
+    value = raw.strip()
+    if value == "file":
+        return value
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in {"redis", "rediss", "unix"}:
+        # Never echo the value: a URL may carry a password.
+        raise _fail(
+            origin,
+            "expected 'file' or a redis://, rediss:// or unix:// URL "
+            "(e.g. redis://:PASSWORD@host:6379/0)",
+            "token_store",
+        )
+    return value
+
+
+def _store_secret(raw: Any, origin: Origin) -> Secret:
+    secret: Secret = _secret("token_store_secret", "token store secret")(raw, origin)
+    try:
+        parse_key(secret.reveal())
+    except ConfigError as exc:
+        raise _fail(origin, str(exc), "token_store_secret") from None
+    return secret
+
+
 def _hosts(raw: Any, origin: Origin) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = raw.split(",")
@@ -685,6 +716,34 @@ OPTIONS: tuple[Option, ...] = (
         "CLOSEPROXY_TOKEN_FILE",
         "where the tokens are kept (default: tokens.json in the user data directory)",
         _path("token_file"),
+        metavar="PATH",
+    ),
+    Option(
+        "token_store",
+        "--token-store",
+        "CLOSEPROXY_TOKEN_STORE",
+        "where the grant lives: 'file' (default: --token-file), or a redis://, rediss:// or "
+        "unix:// URL of a Redis shared by several closeproxy processes (needs "
+        "closeproxy[redis])",
+        _token_store,
+        metavar="file|URL",
+    ),
+    Option(
+        "token_store_key",
+        "--token-store-key",
+        "CLOSEPROXY_TOKEN_STORE_KEY",
+        "the key of the grant in Redis (default closeproxy:grant)",
+        _str("token_store_key"),
+        metavar="KEY",
+    ),
+    Option(
+        "token_store_secret",
+        "--token-store-key-file",
+        "CLOSEPROXY_TOKEN_STORE_SECRET",
+        "file holding the key that encrypts the tokens in Redis (AES-GCM; 32 random bytes in "
+        "base64, `openssl rand -base64 32`; the environment variable holds the key itself)",
+        _store_secret,
+        file_key="token_store_key_file",
         metavar="PATH",
     ),
     Option(
