@@ -8,19 +8,17 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from pathlib import Path
 
 from . import terminal_login
 from .config import DEFAULT_PORT, READ_ONLY_METHODS, Settings, parse_key_methods, parse_key_paths
-from .errors import CloseProxyError, ConfigError
-from .file_store import FileGrantStore
+from .errors import ConfigError
 from .login import retire_previous
 from .logs import setup_logging
 from .refresh_policy import FORCE, refresh_due_at
+from .rescue import rescue_unsaved
 from .revoke import revoke
 from .runner import run_command
 from .server import Listening, serve
@@ -104,51 +102,11 @@ async def _provider(
             await provider.aclose()
 
 
-def _rescue_unsaved(command: str, settings: Settings, provider: TokenProvider) -> int | None:
-    """After a command: if Close issued tokens the disk refused, put them somewhere safe.
-
-    Their predecessors in the token file are spent, so dropping them would force a new
-    login. They go to a clearly named file (same format, mode 0600) beside the token
-    file, or in a private directory under the system temp dir if that fails too; never to
-    stdout, which scripts capture. Returns the exit status, or None when all was saved.
-    """
-    tokens = provider.unsaved
-    if tokens is None:
-        return None
-    reason = provider.save_error or f"cannot write {settings.token_file}"
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    name = f"{settings.token_file.name}.unsaved-{stamp}-{os.getpid()}"
-    candidates = [
-        settings.token_file.with_name(name),
-        Path(tempfile.gettempdir()) / f"closeproxy-{os.getuid()}" / name,
-    ]
-    for candidate in candidates:
-        try:
-            FileGrantStore(candidate).write(tokens)
-        except CloseProxyError:
-            continue
-        print(
-            f"closeproxy {command}: Close issued new tokens but they could not be saved "
-            f"({reason}); they are in {candidate} (readable by you only), and the refresh token in "
-            f"{settings.token_file} is already spent: fix the cause, then run "
-            f"`mv {candidate} {settings.token_file}` before any closeproxy refreshes again",
-            file=sys.stderr,
-        )
-        return 1
-    print(
-        f"closeproxy {command}: Close issued new tokens but they could not be saved ({reason}), "
-        f"nor written anywhere else, so they are lost and the refresh token in "
-        f"{settings.token_file} is spent: fix the cause, then run `closeproxy login`",
-        file=sys.stderr,
-    )
-    return 1
-
-
 def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _provider(settings) as provider:
             tokens = await provider.refresh(FORCE)
-        rescued = _rescue_unsaved("refresh", settings, provider)
+        rescued = rescue_unsaved("refresh", settings, provider)
         if rescued is not None:
             return rescued
         print(
@@ -292,7 +250,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
             ):
                 settings.require_client()  # only a due refresh needs the OAuth client
             tokens = await provider.current(wait_for_refresh=True)
-        rescued = _rescue_unsaved("token", settings, provider)
+        rescued = rescue_unsaved("token", settings, provider)
         if rescued is not None:
             return rescued
         print(tokens.access_token)

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .options import ENV_PREFIX
 from .secret import Secret
 
 # What a scoped key may be limited to (CONNECT, TRACE and TRACK are never served).
 KEY_METHODS: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 READ_ONLY_METHODS: frozenset[str] = frozenset({"GET", "HEAD"})
 KEY_PATH_ROOT = "/api/v1/"
-KEY_ENV_PREFIX = "CLOSEPROXY_KEY_"
+KEY_ENV_PREFIX = ENV_PREFIX + "KEY_"
 # The proxy key's own name in logs; a [keys.NAME] table may not take it.
 PROXY_KEY_NAME = "proxy"
 MIN_KEY_LENGTH = 16

@@ -1,10 +1,11 @@
 """option(): declare a setting once, as a dataclass field; options_of() reads them back.
 
 A declaration names the default, the value type and the help; the flag, the environment
-variable and the config-file key follow from the field name (`rate_limit_wait` is
-`--rate-limit-wait`, `CLOSEPROXY_RATE_LIMIT_WAIT` and `rate_limit_wait`) unless the
-declaration overrides them. The default is filled into the help text from the
-declaration: at a `{default}` placeholder, else appended in parentheses.
+variable and the config-file key follow from the field name (a field `retry_wait`
+would be `--retry-wait`, `CLOSEPROXY_RETRY_WAIT` and `retry_wait`) unless the
+declaration overrides them; a secret's flag and key end in `-file`/`_file`. The
+default is filled into the help text from the declaration: at a `{default}`
+placeholder, else appended in parentheses.
 """
 
 from __future__ import annotations

@@ -271,6 +271,6 @@ def _how_to_set(name: str, file: str) -> str:
 
 
 def client_hint() -> str:
-    """Where the OAuth client is set: `CLOSEPROXY_CLIENT_ID and ..., or ... in the file`."""
+    """Where the OAuth client is set: both variables, or both keys of the config file."""
     cid, secret = OPTIONS_BY_NAME["client_id"], OPTIONS_BY_NAME["client_secret"]
     return f"{cid.env} and {secret.env}, or {cid.key} and {secret.key} in the config file"
