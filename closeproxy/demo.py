@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
-from .config import Secret, Settings
+from .config import CONFIG, Secret, Settings
 from .errors import CloseProxyError, ConfigError
 from .server import Listening, running
 from .signals import STOP_SIGNALS, on_signals
@@ -118,7 +118,7 @@ async def demo(
                     + "".join(f"  {line}\n" for line in demo_commands(where.url))
                     + "\nTo point closeproxy status, token, refresh and run -- CMD at the "
                     "demo (in another terminal):\n"
-                    f"  export CLOSEPROXY_CONFIG={shlex.quote(str(config))}\n"
+                    f"  export {CONFIG.env}={shlex.quote(str(config))}\n"
                     f"\nAccess tokens live {DEMO_TOKEN_LIFETIME:g} s here, so refreshes "
                     "show up in the log. Ctrl-C stops the demo."
                 )

@@ -31,8 +31,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from yarl import URL
-
 from .errors import TokenServiceUnavailable, TokenStoreError
 from .grant import (
     LOCK_TIMEOUT,
@@ -46,6 +44,7 @@ from .grant import (
     Version,
 )
 from .sealing import Sealer, is_sealed
+from .store_options import public_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -83,20 +82,6 @@ return {ours, redis.call('HGET', KEYS[2], 'version') or ''}
 
 class TokenStoreUnavailable(TokenServiceUnavailable, TokenStoreError):
     """The shared store cannot be reached now; retrying later may work."""
-
-
-def public_url(url: str) -> str:
-    """The store URL for people: the password removed, from userinfo and from the query."""
-    parsed = URL(url)
-    query = {k: v for k, v in parsed.query.items() if k.lower() != "password"}
-    if parsed.scheme == "unix":
-        shown = f"unix://{parsed.path}"
-        return f"{shown}?{URL.build(query=query).query_string}" if query else shown
-    if parsed.password is not None:
-        parsed = parsed.with_password(None)
-        if not parsed.user:
-            parsed = parsed.with_user(None)
-    return str(parsed.with_query(query))
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

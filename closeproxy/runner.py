@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from .config import PROXY_KEY_NAME, ScopedKey, Secret, Settings
+from .config import OPTIONS_BY_NAME, PROXY_KEY_NAME, ScopedKey, Secret, Settings
 from .errors import CloseProxyError
 from .server import running, warn_at_start
 from .signals import on_signals
@@ -26,7 +26,9 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGWINCH,
 )
 # The child needs none of these; the client secret above all must not leak into it.
-WITHHELD_ENV: frozenset[str] = frozenset({"CLOSEPROXY_CLIENT_SECRET", "CLOSEPROXY_PROXY_KEY"})
+WITHHELD_ENV: frozenset[str] = frozenset(
+    OPTIONS_BY_NAME[name].env for name in ("client_secret", "proxy_key")
+)
 
 
 class CommandFailed(CloseProxyError):

@@ -7,6 +7,9 @@ The callback runs on the loop (never inside a signal handler), so it may touch a
 objects. On leaving the block the signals go back to what they did before: an outer
 `on_signals` block's callback, or the process's handler from before the loop took them
 (the default, or SIG_IGN under nohup).
+
+`run_until_signal` runs a command's coroutine so that SIGTERM and SIGHUP end it the way
+Ctrl-C does, raising `Stopped` once it has cleaned up.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 # A terminal closing (SIGHUP) stops the proxy as cleanly as Ctrl-C or `kill`.
@@ -60,6 +63,43 @@ def on_signals(signals: Iterable[signal.Signals], callback: SignalCallback) -> I
             previous = before.pop(signum, None)
             if _restorable(previous):
                 signal.signal(signum, previous)
+
+
+class Stopped(Exception):
+    """A command was stopped by a signal after cleaning up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_until_signal(main: Coroutine[object, object, int]) -> int:
+    """asyncio.run, where SIGTERM and SIGHUP end the command the way Ctrl-C does.
+
+    The main task is cancelled, so a refresh already sent to Close still finishes and
+    saves the new refresh token before the process exits.
+    """
+    received: list[int] = []
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        with on_signals(
+            (signal.SIGTERM, signal.SIGHUP), lambda signum: _cancel(task, signum, received)
+        ):
+            return await main
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if received:
+            raise Stopped(received[0]) from None
+        raise
+
+
+def _cancel(task: asyncio.Task[int], signum: int, received: list[int]) -> None:
+    received.append(signum)
+    task.cancel()
 
 
 def _restorable(handler: Any) -> bool:

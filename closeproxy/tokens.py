@@ -25,6 +25,7 @@ from .grant import GrantStore, LockLost, TokenSet
 from .grant_cache import GrantCache
 from .oauth import OAuthClient
 from .refresh_policy import IF_DUE, Force, RefreshIntent, Rejected, must_refresh_at, refresh_due_at
+from .settings import client_hint
 
 log = logging.getLogger("closeproxy.tokens")
 
@@ -226,9 +227,8 @@ class TokenProvider:
             )
         return ClientNotConfigured(
             "the access token expired and cannot be refreshed because no OAuth client is "
-            "configured: set the client id and secret of your Close OAuth app "
-            "(CLOSEPROXY_CLIENT_ID and CLOSEPROXY_CLIENT_SECRET, or client_id and "
-            "client_secret_file in the config file) and start closeproxy again"
+            f"configured: set the client id and secret of your Close OAuth app "
+            f"({client_hint()}) and start closeproxy again"
         )
 
     def _start_flight(self, intent: RefreshIntent) -> None:

@@ -16,13 +16,14 @@ from .file_store import FileGrantStore
 from .grant import GrantStore
 from .oauth import DEFAULT_BACKOFF
 from .sealing import parse_key
+from .store_options import FILE_STORE
 from .tokens import DEFAULT_LOGIN_ADVICE, REQUEST_WAIT, TokenProvider
 from .upstream import oauth_client
 
 
 def open_store(settings: Settings) -> GrantStore:
     """The grant store the settings name: the token file, or a key in Redis."""
-    if settings.token_store == "file":  # noqa: S105 - the store's kind, not a password
+    if settings.token_store == FILE_STORE:
         return FileGrantStore(settings.token_file)
     from .redis_store import RedisGrantStore  # redis-py only for those who use it
 

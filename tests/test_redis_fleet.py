@@ -108,6 +108,12 @@ async def test_login_into_redis_leaves_no_file_and_no_clear_token(
         refused = await run_cli_async(keyless, command)
         assert refused.returncode != 0, command
         assert "CLOSEPROXY_TOKEN_STORE_SECRET" in refused.stdout + refused.stderr, command
+    exchanges = sim.state.code_exchanges
+    login = await LoginProcess.start(keyless, "--no-browser")
+    landed = await consent(await login.authorize_url())
+    code, out, err = await login.finish(landed + "\n")
+    assert code != 0 and "CLOSEPROXY_TOKEN_STORE_SECRET" in err, (out, err)
+    assert sim.state.code_exchanges == exchanges  # refused before the code was spent
     assert await stored(redis_server, SECRET) == tokens
 
     refreshed = await run_cli_async(env, "refresh")
