@@ -39,7 +39,7 @@ class StoreURL(str):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return repr(self if self == FILE_STORE else public_url(self))
+        return repr(str(self) if self == FILE_STORE else public_url(self))
 
 
 class TokenStore(_Kind[StoreURL]):
