@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -105,6 +107,7 @@ def closeproxy_child(
     log_level: str = "info",
     args: Sequence[str] = (),
     argv: Sequence[str] | None = None,
+    port: int = 0,
 ) -> Child:
     """Spawn `closeproxy serve ARGS` logged in to `sim` (not yet waited for).
 
@@ -119,7 +122,7 @@ def closeproxy_child(
         client_secret=config.client_secret,
         CLOSEPROXY_LOG_LEVEL=log_level,
     )
-    command = [*(argv if argv is not None else serve_argv()), "--port", "0", *args]
+    command = [*(argv if argv is not None else serve_argv()), "--port", str(port), *args]
     return Child.spawn(command, child_env(env), name=name, log_dir=workdir)
 
 
@@ -173,6 +176,20 @@ def rig(log_level: str) -> Iterator[Rig]:
 def report_shutdown(shutdown: dict[str, Any]) -> None:
     for name, how in shutdown.items():
         say(f"info  {name} stopped: exit {how['exit']} ({how['stopped_by']})")
+
+
+Figures = Callable[[argparse.Namespace, Rig], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def on_rig(args: argparse.Namespace, bench: str, figures: Figures) -> dict[str, Any]:
+    """Run `figures` against a fresh rig, report the shutdown, print the JSON line if asked."""
+    with rig(args.log_level) as running:
+        result = asyncio.run(figures(args, running))
+        shutdown = running.stop()
+    report_shutdown(shutdown)
+    if args.json:
+        say(json.dumps({"bench": bench, **result, "shutdown": shutdown}))
+    return result
 
 
 # --- clients -----------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import time
@@ -14,7 +13,7 @@ from typing import Any, Final
 import aiohttp
 import psutil
 
-from benchlib.common import ME_PATH, Rig, Target, report_shutdown, rig, say, session, targets
+from benchlib.common import ME_PATH, Rig, Target, on_rig, say, session, targets
 
 WARMUP_MIN: Final = 500
 
@@ -141,12 +140,15 @@ async def latency_figures(args: argparse.Namespace, rig: Rig) -> dict[str, Any]:
     }
 
 
-def cmd_latency(args: argparse.Namespace) -> int:
-    with rig(args.log_level) as running:
-        figures = asyncio.run(latency_figures(args, running))
-        shutdown = running.stop()
-    report_shutdown(shutdown)
-    if args.json:
-        say(json.dumps({"bench": "latency", **figures, "shutdown": shutdown}))
+def run(args: argparse.Namespace) -> int:
+    figures = on_rig(args, "latency", latency_figures)
     failed = figures["direct"]["errors"] or figures["proxy"]["errors"]
     return 1 if failed else 0
+
+
+HELP: Final = "small GETs of /api/v1/me/ direct vs through the proxy"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=5000, help="measured requests per target")
+    parser.add_argument("--concurrency", type=int, default=10, help="requests in flight")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import time
+from typing import Final
 
 from benchlib.common import say
 
@@ -50,7 +51,7 @@ async def metrics_cost_figures(rounds: int) -> dict[str, float]:
     return figures
 
 
-def cmd_metrics_cost(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     figures = asyncio.run(metrics_cost_figures(args.rounds))
     say(f"per proxied request, CPU, {args.rounds} rounds in process:")
     for name, value in figures.items():
@@ -62,3 +63,10 @@ def cmd_metrics_cost(args: argparse.Namespace) -> int:
     if args.json:
         say(json.dumps({"bench": "metrics-cost", **{k: round(v, 2) for k, v in figures.items()}}))
     return 0
+
+
+HELP: Final = "CPU the metrics, request id and recent-requests buffer add to a proxied request"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=200_000, help="requests per variant")

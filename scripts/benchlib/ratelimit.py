@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,8 +16,7 @@ from benchlib.common import (
     BenchError,
     Rig,
     Target,
-    report_shutdown,
-    rig,
+    on_rig,
     say,
     session,
     targets,
@@ -130,11 +128,16 @@ async def ratelimit_figures(args: argparse.Namespace, rig: Rig) -> dict[str, Any
     }
 
 
-def cmd_ratelimit(args: argparse.Namespace) -> int:
-    with rig(args.log_level) as running:
-        figures = asyncio.run(ratelimit_figures(args, running))
-        shutdown = running.stop()
-    report_shutdown(shutdown)
-    if args.json:
-        say(json.dumps({"bench": "ratelimit", **figures, "shutdown": shutdown}))
+def run(args: argparse.Namespace) -> int:
+    on_rig(args, "ratelimit", ratelimit_figures)
     return 0
+
+
+HELP: Final = "sequential requests at 3x a group's limit: failures and time, direct vs proxy"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=1000, help="requests per target")
+    parser.add_argument(
+        "--limit", type=int, default=20, help="the group's limit per second at the simulator"
+    )

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import resource
 import time
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
@@ -18,8 +17,7 @@ from benchlib.common import (
     ME_PATH,
     UPLOAD_PATH,
     Rig,
-    report_shutdown,
-    rig,
+    on_rig,
     say,
 )
 from benchlib.rss import RssSampler
@@ -108,6 +106,7 @@ async def slow_client_figures(args: argparse.Namespace, rig: Rig) -> dict[str, A
         f"  counters: slow_clients_cut {counters.get('slow_clients_cut')}, "
         f"proxy_busy {counters.get('proxy_busy')}, upstream_errors {counters['upstream_errors']}"
     )
+    say(f"{'PASS' if len(ok) == len(results) else 'FAIL'}  every ordinary GET answered 200")
     return {
         "downloads": args.downloads,
         "uploads": args.uploads,
@@ -122,16 +121,22 @@ async def slow_client_figures(args: argparse.Namespace, rig: Rig) -> dict[str, A
     }
 
 
-def cmd_slow(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     # Our side holds every slow socket: lift this process's own open-file limit first.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with rig(args.log_level) as running:
-        figures = asyncio.run(slow_client_figures(args, running))
-        shutdown = running.stop()
-    report_shutdown(shutdown)
-    if args.json:
-        say(json.dumps({"bench": "slow", **figures, "shutdown": shutdown}))
-    say(f"{'PASS' if figures['all_ok'] else 'FAIL'}  every ordinary GET answered 200")
+    figures = on_rig(args, "slow", slow_client_figures)
     return 0 if figures["all_ok"] else 1
+
+
+HELP: Final = "non-reading downloads and trickling uploads, then ordinary GETs (PASS/FAIL)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--downloads", type=int, default=300, help="downloads nobody reads")
+    parser.add_argument("--uploads", type=int, default=260, help="uploads that trickle")
+    parser.add_argument("--trickle-every", type=float, default=0.5, help="seconds between bytes")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds before the probes")
+    parser.add_argument("--probes", type=int, default=20, help="ordinary GETs, one at a time")
+    parser.add_argument("--probe-timeout", type=float, default=30.0, help="seconds per GET")

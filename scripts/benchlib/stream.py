@@ -7,9 +7,20 @@ import asyncio
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from benchlib.common import MB, MIB, Rig, report_shutdown, rig, say, session, targets
+from benchlib.common import (
+    MB,
+    MIB,
+    Rig,
+    chunk_arg,
+    report_shutdown,
+    rig,
+    say,
+    session,
+    size_arg,
+    targets,
+)
 from benchlib.transfers import (
     FIRST_BYTE_CHUNK,
     FIRST_BYTE_FRACTION,
@@ -132,7 +143,7 @@ async def stream_figures(args: argparse.Namespace, rig: Rig, checks: Checks) -> 
     }
 
 
-def cmd_stream(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     checks = Checks()
     with rig(args.log_level) as running:
         figures = asyncio.run(stream_figures(args, running, checks))
@@ -158,3 +169,20 @@ def cmd_stream(args: argparse.Namespace) -> int:
             )
         )
     return 0 if checks.passed else 1
+
+
+HELP: Final = "1 GiB download and upload: proxy RSS, throughput, first byte (PASS/FAIL)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=size_arg, default="1G", help="bytes each way (1G, 512M)")
+    parser.add_argument(
+        "--chunk", type=chunk_arg, default="256k", help="simulator and upload chunk size"
+    )
+    parser.add_argument("--rss-limit", type=float, default=80.0, help="proxy peak RSS limit, MB")
+    parser.add_argument(
+        "--first-byte-chunks", type=int, default=40, help="64 KiB chunks in the slow download"
+    )
+    parser.add_argument(
+        "--first-byte-delay", type=float, default=0.05, help="seconds between slow chunks"
+    )
