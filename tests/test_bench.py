@@ -67,7 +67,7 @@ def test_every_mode_runs_in_a_tiny_configuration() -> None:
         expected.add("nginx")
     assert set(compare) == expected
     for name, (sample,) in compare.items():
-        assert sample["c32_rate"] > 0 and sample["errors"] == 0, (name, sample)
+        assert sample["busy_rate"] > 0 and sample["errors"] == 0, (name, sample)
         # Every proxy was timed to its first answer and had its memory read.
         assert (sample["start_seconds"] is None) == (name == "direct"), (name, sample)
         assert (sample["idle_rss"] or 0) > 0 or name == "direct", (name, sample)

@@ -2,9 +2,10 @@
 
 Every repetition starts each target afresh, in an order rotated per repetition (so
 no target always runs first or last), times it from spawn to its first proxied 200, reads
-its idle RSS, warms it up, then measures c32 req/s (with the CPU the target's processes
-spent, read from /proc) and c1 p50 latency. Medians over the repetitions are printed,
-with ratios to the baseline (the bare forwarder unless --baseline says otherwise).
+its idle RSS, warms it up, then measures req/s at c32 (--connections), with the CPU the
+target's processes spent (read from /proc), and the p50 latency at c1. Medians over the
+repetitions are printed, with ratios to the baseline (the bare forwarder unless
+--baseline says otherwise).
 
 Extra closeproxy variants are `--variant NAME=ARGS` (ARGS: `closeproxy serve` flags, as
 shell words), e.g. the cost of a switch: `--only closeproxy --variant off='--metrics off'`
@@ -44,7 +45,7 @@ BUILT_IN: Final = (
 class Sample:
     """One repetition of one target."""
 
-    c32_rate: float
+    busy_rate: float
     c1_p50: float
     errors: int
     cpu_per_request: float | None
@@ -109,7 +110,7 @@ def repetition(
     finally:
         running.stop()
     return Sample(
-        c32_rate=busy.rate,
+        busy_rate=busy.rate,
         c1_p50=single.p50,
         errors=busy.errors + single.errors,
         cpu_per_request=cpu / busy.requests if cpu is not None and busy.requests else None,
@@ -123,7 +124,7 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-MEASURED: Final = ("c32_rate", "c1_p50", "cpu_per_request", "start_seconds", "idle_rss")
+MEASURED: Final = ("busy_rate", "c1_p50", "cpu_per_request", "start_seconds", "idle_rss")
 
 
 def medians(samples: list[Sample]) -> dict[str, float | None]:
@@ -140,7 +141,7 @@ def number(value: float | None, scale: float, digits: int) -> str:
 
 COLUMNS: Final = (
     ("target", 18),
-    ("c32 req/s", 10),
+    ("cN req/s", 10),
     ("ratio", 6),
     ("c1 p50 ms", 9),
     ("ratio", 6),
@@ -153,10 +154,10 @@ COLUMNS: Final = (
 )
 
 
-def table(results: dict[str, list[Sample]], baseline: str) -> list[str]:
+def table(results: dict[str, list[Sample]], baseline: str, connections: int) -> list[str]:
     """One row per target of medians, ratios to the baseline's medians."""
     base = medians(results[baseline]) if baseline in results else dict.fromkeys(MEASURED)
-    rows = [[title for title, _ in COLUMNS]]
+    rows = [[title.replace("cN", f"c{connections}") for title, _ in COLUMNS]]
     for name, samples in results.items():
         mine = medians(samples)
         added = None
@@ -165,8 +166,8 @@ def table(results: dict[str, list[Sample]], baseline: str) -> list[str]:
         rows.append(
             [
                 name,
-                number(mine["c32_rate"], 1, 0),
-                ratio(mine["c32_rate"], base["c32_rate"]),
+                number(mine["busy_rate"], 1, 0),
+                ratio(mine["busy_rate"], base["busy_rate"]),
                 number(mine["c1_p50"], 1e3, 3),
                 ratio(mine["c1_p50"], base["c1_p50"]),
                 "-" if added is None else f"{added * 1e6:+,.0f}",
@@ -205,12 +206,12 @@ def run(args: argparse.Namespace) -> int:
                 sample = repetition(variant, sim, workdir, args, tools)
                 results[variant.name].append(sample)
                 say(
-                    f"  rep {rep + 1} {variant.name:<18} {sample.c32_rate:9,.0f} req/s "
+                    f"  rep {rep + 1} {variant.name:<18} {sample.busy_rate:9,.0f} req/s "
                     f"c{args.connections}, c1 p50 {sample.c1_p50 * 1e3:6.3f} ms, "
                     f"errors {sample.errors}"
                 )
     say(f"medians of {args.reps}; ratios and +us against {args.baseline!r}")
-    for line in table(results, args.baseline):
+    for line in table(results, args.baseline, args.connections):
         say(line)
     if args.json:
         document = {
