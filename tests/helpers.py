@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from closeproxy import testing
 from closeproxy.config import Settings, load_settings
 from closeproxy.file_store import FileGrantStore
 from closeproxy.grant import TokenSet
 from closeproxy.sim import RunningSim
+from closeproxy.testing import LISTENING, Child, child_env, free_port, start_serve, store_grant
+
+__all__ = ["LISTENING", "ServeProcess", "cli_env", "free_port", "start_serve"]
 
 FAST_BACKOFF = (0.05, 0.1)
-LISTENING = re.compile(r"listening on (http://\S+|unix:\S+)")
 
 
 def seed_tokens(
@@ -36,26 +35,21 @@ def seed_tokens(
 
     `api_url` records another issuer, for proxies pointed somewhere else on purpose.
     """
-    reply = sim.state.issue_tokens()
-    now = time.time()
-    tokens = TokenSet.from_reply(reply, received_at=now, api_url=api_url or sim.url)
-    if expires_in is not None:
-        tokens = replace(tokens, expires_at=now + expires_in, obtained_at=now - 3600)
-    FileGrantStore(token_file).write(tokens)
-    return tokens
+    return store_grant(
+        sim.state.issue_tokens(), token_file, api_url=api_url or sim.url, expires_in=expires_in
+    )
 
 
 def proxy_env(sim: RunningSim, token_file: Path, **extra: str) -> dict[str, str]:
     """CLOSEPROXY_* variables that point a proxy at the simulator."""
-    return {
-        "CLOSEPROXY_CLIENT_ID": sim.state.config.client_id,
-        "CLOSEPROXY_CLIENT_SECRET": sim.state.config.client_secret,
-        "CLOSEPROXY_API_URL": sim.url,
-        "CLOSEPROXY_APP_URL": sim.url,
-        "CLOSEPROXY_TOKEN_FILE": str(token_file),
-        "CLOSEPROXY_PORT": "0",
+    config = sim.state.config
+    return testing.proxy_env(
+        sim.url,
+        token_file,
+        client_id=config.client_id,
+        client_secret=config.client_secret,
         **extra,
-    }
+    )
 
 
 def make_settings(sim: RunningSim, token_file: Path, **flags: Any) -> Settings:
@@ -115,93 +109,10 @@ def get_request(target: str, port: int, **headers: str) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-# --- closeproxy in subprocesses ------------------------------------------------------
+# --- closeproxy in subprocesses: closeproxy.testing, shared with the benchmark ---------
 
-
-@dataclass
-class ServeProcess:
-    """`closeproxy serve` in its own process; its output is drained by reader threads."""
-
-    process: subprocess.Popen[str]
-    url: str = ""
-    stdout: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-    _readers: list[threading.Thread] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        # A full pipe would stall the child's log writer: always read both.
-        for stream, sink in (
-            (self.process.stdout, self.stdout),
-            (self.process.stderr, self.stderr),
-        ):
-            thread = threading.Thread(target=_drain, args=(stream, sink), daemon=True)
-            thread.start()
-            self._readers.append(thread)
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.stdout):
-                if match := LISTENING.search(line):
-                    self.url = match.group(1)
-                    return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.process.kill()
-        self.join()
-        raise AssertionError(f"closeproxy serve did not start: {''.join(self.stderr)}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait for the drain; blocking, so async tests call it via to_thread."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self.join()
-
-    def join(self) -> None:
-        for thread in self._readers:
-            thread.join(5)
-
-    @property
-    def logs(self) -> str:
-        return "".join(self.stderr)
-
-
-def _drain(stream: IO[str] | None, sink: list[str]) -> None:
-    if stream is None:
-        return
-    for line in stream:
-        sink.append(line)
-    stream.close()
-
-
-def cli_env(env: dict[str, str]) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CLOSEPROXY_")}
-    return {**base, **env, "PYTHONUNBUFFERED": "1"}
-
-
-def start_serve(env: dict[str, str], *args: str, timeout: float = 20.0) -> ServeProcess:
-    """Start `closeproxy serve` and wait for its listening line (blocking)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "closeproxy", "serve", *args],
-        env=cli_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    server = ServeProcess(process)
-    server.wait_ready(timeout)
-    return server
+ServeProcess = Child
+cli_env = child_env
 
 
 def run_cli(
@@ -209,7 +120,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "closeproxy", *args],
-        env=cli_env(env),
+        env=child_env(env),
         input=input,
         capture_output=True,
         text=True,
@@ -234,7 +145,7 @@ async def run_cli_async(
         "-m",
         "closeproxy",
         *args,
-        env=cli_env(env),
+        env=child_env(env),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -303,7 +214,7 @@ async def start_demo(*args: str) -> asyncio.subprocess.Process:
         "closeproxy",
         "demo",
         *args,
-        env=cli_env({}),
+        env=child_env({}),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -316,7 +227,7 @@ async def start_refresh(env: dict[str, str]) -> asyncio.subprocess.Process:
         "-m",
         "closeproxy",
         "refresh",
-        env=cli_env(env),
+        env=child_env(env),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

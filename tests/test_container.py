@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import ServeProcess, seed_tokens
+from helpers import ServeProcess, free_port, seed_tokens
 
 from closeproxy.sim import RunningSim
 
@@ -97,13 +96,6 @@ def test_the_dockerfile_passes_hadolint() -> None:
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, ""), result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import sys
 import threading
@@ -16,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
-from helpers import Proxy, cli_env, proxy_env, run_cli_async
+from helpers import Proxy, cli_env, free_port, proxy_env, run_cli_async
 
 from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
@@ -76,12 +75,6 @@ async def consent(authorize_url: str) -> str:
 
 def query_of(url: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit(url).query)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_paste_flow_stores_tokens_and_status_shows_who(

@@ -1,0 +1,75 @@
+"""Every mode of scripts/bench.py runs end to end in a tiny configuration (not a timing test).
+
+The modes run side by side as separate processes, each with its own simulator and proxy;
+the figures are not checked, only that each mode runs, finishes and says what it found.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from closeproxy.testing import child_env
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+TINY: dict[str, list[str]] = {
+    "stream": ["--size", "2M", "--chunk", "64k", "--first-byte-chunks", "4"],
+    "latency": ["--requests", "60", "--concurrency", "4"],
+    "slow": ["--downloads", "3", "--uploads", "3", "--settle", "0.3", "--probes", "2"],
+    "ratelimit": ["--requests", "12", "--limit", "40"],
+    "metrics-cost": ["--rounds", "200"],
+    "compare": [
+        *(
+            "--load",
+            "builtin",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0.1",
+            "--reps",
+            "1",
+            "--settle",
+            "0.05",
+        ),
+        *("--only", "direct,bare,closeproxy,nginx"),
+        *("--variant", "extra=--log-level warning"),
+    ],
+}
+
+
+@pytest.mark.timeout(60)
+def test_every_mode_runs_in_a_tiny_configuration() -> None:
+    running = {
+        mode: subprocess.Popen(
+            [sys.executable, str(BENCH), mode, *args, "--json"],
+            env=child_env({}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mode, args in TINY.items()
+    }
+    outputs = {mode: process.communicate(timeout=50) for mode, process in running.items()}
+    for mode, (out, err) in outputs.items():
+        assert running[mode].returncode == 0, (mode, out[-3000:], err[-3000:])
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["bench"] == mode
+    assert "PASS  streaming acceptance" in outputs["stream"][0]
+    assert "PASS  every ordinary GET answered 200" in outputs["slow"][0]
+    compare = json.loads(outputs["compare"][0].strip().splitlines()[-1])["samples"]
+    expected = {"direct", "bare", "closeproxy", "extra"}
+    if Path("/usr/sbin/nginx").exists():
+        expected.add("nginx")
+    assert set(compare) == expected
+    for name, (sample,) in compare.items():
+        assert sample["busy_rate"] > 0 and sample["errors"] == 0, (name, sample)
+        # Every proxy was timed to its first answer and had its memory read.
+        assert (sample["start_seconds"] is None) == (name == "direct"), (name, sample)
+        assert (sample["idle_rss"] or 0) > 0 or name == "direct", (name, sample)
+    table = outputs["compare"][0]
+    assert all(f"\n{name} " in table for name in expected), table
