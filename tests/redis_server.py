@@ -11,14 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from closeproxy.testing import free_port
+
 # The test server's password; the tests check it never shows in a message or a log.
 PASSWORD = "s3cret-redis-pw"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -26,7 +22,7 @@ class RedisServer:
     """One redis-server process; stop() and start() again keep its port and its data."""
 
     directory: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property

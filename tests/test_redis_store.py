@@ -14,7 +14,8 @@ from redis_server import PASSWORD, RedisServer
 
 from closeproxy.errors import TokenServiceUnavailable, TokenStoreError
 from closeproxy.grant import LockLost, SealedGrant, StaleGrant, TokenSet
-from closeproxy.redis_store import RedisGrantStore, public_url
+from closeproxy.redis_store import RedisGrantStore
+from closeproxy.store_options import public_url
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 
