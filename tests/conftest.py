@@ -14,11 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from helpers import FAST_BACKOFF, Proxy, ProxyFactory, ServeProcess, make_settings
-from redis_server import RedisServer
 
 from closeproxy.server import running
 from closeproxy.services import SERVICES
 from closeproxy.sim import RunningSim, SimConfig, SimState, run_sim
+from closeproxy.testing_redis import RedisServer
 from closeproxy.upstream_proxy import PROXY_ENV_NAMES
 
 

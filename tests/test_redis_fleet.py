@@ -23,7 +23,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers import ServeProcess, cli_env, proxy_env, run_cli_async, start_serve
-from redis_server import PASSWORD, RedisServer
 from test_chaos import sim_ports
 from test_login import LoginProcess, consent
 
@@ -32,10 +31,21 @@ from closeproxy.grant import TokenSet
 from closeproxy.redis_store import RedisGrantStore
 from closeproxy.refresh_policy import Rejected
 from closeproxy.sim import RunningSim
+from closeproxy.testing_redis import PASSWORD, RedisServer
 from closeproxy.tokens import TokenProvider
 from closeproxy.upstream import client_session, oauth_client
 
 SECRET = base64.b64encode(os.urandom(32)).decode()
+# What a legacy tool under `closeproxy run` does: its "API key" against CLOSE_API_URL.
+CHILD_GETS_ME = """
+import base64, os, urllib.request
+key = base64.b64encode((os.environ["CLOSE_API_KEY"] + ":").encode()).decode()
+request = urllib.request.Request(
+    os.environ["CLOSE_API_URL"] + "me/", headers={"Authorization": "Basic " + key}
+)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+print(opener.open(request, timeout=20).status)
+"""
 
 
 def store_env(sim: RunningSim, redis: RedisServer, home: Path, **extra: str) -> dict[str, str]:
@@ -101,6 +111,9 @@ async def test_login_into_redis_leaves_no_file_and_no_clear_token(
     assert doc["user_id"] == sim.state.config.user_id
     printed = await run_cli_async(env, "token")
     assert printed.returncode == 0 and printed.stdout.strip() == tokens.access_token
+
+    ran = await run_cli_async(env, "run", "--", sys.executable, "-c", CHILD_GETS_ME)
+    assert ran.returncode == 0 and ran.stdout.strip() == "200", (ran.stdout, ran.stderr)
 
     # Another machine without the key is told which setting is missing, and changes nothing.
     keyless = store_env(sim, redis_server, tmp_path / "other")
@@ -307,6 +320,13 @@ async def test_four_machines_share_one_grant_through_kills_mid_refresh(
     for server in servers:
         assert server is not None
         server.stop()
+    # The figures README's "Running several proxies" quotes (pytest -s shows them).
+    print(
+        f"\nfleet: {sum(statuses.values())} requests, {statuses[200]} answered 200, "
+        f"{len(failures)} failed; {sim.state.refreshes} refreshes "
+        f"({loop_results[0]} by the refresh loop), {sim.state.reuse_detected} reused refresh "
+        f"tokens, {sim.state.token_requests_abandoned} refresh killed in flight"
+    )
     assert sim.state.token_requests_abandoned == 1
     assert sim.state.reuse_detected == 0, sim.state.reused_refresh_tokens
     assert failures == [], failures[:5]

@@ -10,12 +10,12 @@ import time
 from dataclasses import replace
 
 import pytest
-from redis_server import PASSWORD, RedisServer
 
 from closeproxy.errors import TokenServiceUnavailable, TokenStoreError
 from closeproxy.grant import LockLost, SealedGrant, StaleGrant, TokenSet
 from closeproxy.redis_store import RedisGrantStore
 from closeproxy.store_options import public_url
+from closeproxy.testing_redis import PASSWORD, RedisServer
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 

@@ -163,6 +163,7 @@ class SimState:
         self.code_exchanges = 0
         self.reuse_detected = 0
         self.token_requests_abandoned = 0  # dropped unprocessed: the client left in a stall
+        self.refresh_times: list[float] = []  # wall-clock time of each refresh granted
         self.revokes = 0
         self.api_requests = 0
         self.rejected_api_requests = 0
@@ -334,6 +335,8 @@ class SimState:
                 if access.family is record.family:
                     access.revoked = True
         self.refreshes += 1
+        self.refresh_times.append(time.time())
+        self.trim(self.refresh_times)
         return self._token_reply(record.family)
 
     def revoke(self, token: str) -> None:

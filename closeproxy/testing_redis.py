@@ -1,4 +1,5 @@
-"""A real redis-server for the tests: free port, temp directory, a password, AOF on."""
+"""A real redis-server for the tests and the fleet benchmark: free port, its own
+directory, a password, AOF on (appendfsync always). Needs Debian's redis-server."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from closeproxy.testing import free_port
+from .testing import free_port
 
 # The test server's password; the tests check it never shows in a message or a log.
-PASSWORD = "s3cret-redis-pw"
+PASSWORD = "s3cret-redis-pw"  # noqa: S105 - a throw-away test server's password
 
 
 @dataclass
