@@ -12,13 +12,14 @@ import argparse
 from . import __version__
 from .config import CONFIG, OPTIONS, OPTIONS_BY_NAME, Option
 
-_CLIENT = ("client_id", "client_secret", "api_url", "token_file", "upstream_proxy")
+_STORE = ("token_file", "token_store", "token_store_key", "token_store_secret")
+_CLIENT = ("client_id", "client_secret", "api_url", *_STORE, "upstream_proxy")
 _LOGGING = ("log_level", "log_format")
 _SERVE = tuple(o.name for o in OPTIONS if o.name != "login_timeout")
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": _SERVE,
     "login": (*_CLIENT, "redirect_uri", "app_url", "login_timeout", *_LOGGING),
-    "status": ("token_file", "api_url", "upstream_proxy"),
+    "status": (*_STORE, "api_url", "upstream_proxy"),
     "refresh": (*_CLIENT, *_LOGGING),
     "revoke": (*_CLIENT, *_LOGGING),
     "token": (*_CLIENT, "refresh_margin", *_LOGGING),

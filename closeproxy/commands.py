@@ -15,6 +15,7 @@ from dataclasses import replace
 from . import terminal_login
 from .config import DEFAULT_PORT, READ_ONLY_METHODS, Settings, parse_key_methods, parse_key_paths
 from .errors import ConfigError
+from .grant import TokenSet
 from .login import retire_previous
 from .logs import setup_logging
 from .refresh_policy import FORCE, refresh_due_at
@@ -53,7 +54,14 @@ def _format_duration(seconds: float) -> str:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = open_store(settings)
     route = settings.upstream_route()
-    doc = status_document(asyncio.run(store.load()).tokens, store)
+
+    async def load() -> TokenSet | None:
+        try:
+            return (await store.load()).tokens
+        finally:
+            await store.aclose()
+
+    doc = status_document(asyncio.run(load()), store)
     doc["upstream_proxy"] = route.document()
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -74,7 +82,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         )
         rows.append(("access token", when))
         rows.append(("refreshable", "yes" if doc["can_refresh"] else "no"))
-    rows.append(("token file", doc["token_file"]))
+    if "token_file" in doc:
+        rows.append(("token file", doc["token_file"]))
+    else:
+        encrypted = "encrypted" if doc.get("encrypted") else "not encrypted"
+        store_row = f"{doc['token_store']} key {doc['token_store_key']} ({encrypted})"
+        rows.append(("token store", store_row))
     rows.append(("outbound", route.label))
     lines += [f"  {name:<13} {value}" for name, value in rows if value is not None]
     if doc.get("problem"):
@@ -111,7 +124,7 @@ def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
             return rescued
         print(
             f"refreshed: the new access token expires in "
-            f"{_format_duration(tokens.expires_in())}; saved to {settings.token_file}"
+            f"{_format_duration(tokens.expires_in())}; saved to {provider.store.describe()}"
         )
         return 0
 
@@ -134,7 +147,7 @@ def cmd_login(settings: Settings, args: argparse.Namespace) -> int:
             tokens = result.tokens
             print(
                 f"logged in to Close: organization {tokens.organization_id or '?'}, "
-                f"user {tokens.user_id or '?'}\ntokens stored in {settings.token_file}",
+                f"user {tokens.user_id or '?'}\ntokens stored in {provider.store.describe()}",
                 flush=True,
             )
             if args.keep_previous:
@@ -162,12 +175,12 @@ def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
         async with _provider(settings, require_client=False) as provider:
             outcome = await revoke(provider)
         if not outcome.had_grant:
-            print(f"not logged in: nothing to revoke ({settings.token_file} does not exist)")
+            print(f"not logged in: nothing to revoke ({provider.store.describe()} is empty)")
             return 0
         if outcome.problem:
             print(f"closeproxy revoke: {outcome.problem}", file=sys.stderr)
             return 1
-        print(f"revoked the grant at Close and wiped {settings.token_file}")
+        print(f"revoked the grant at Close and wiped {provider.store.describe()}")
         return 0
 
     setup_logging(_quiet_level(settings), settings.log_format)

@@ -150,6 +150,18 @@ class StaleGrant(TokenStoreError):
     """A compare-and-set write found another version than the one it was to replace."""
 
 
+class UnreadableGrant(TokenStoreError):
+    """The store holds a value that is not a grant; a new login may replace `version`."""
+
+    def __init__(self, message: str, version: Version | None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class SealedGrant(TokenStoreError):
+    """The grant is encrypted and this process lacks the key: never overwrite it."""
+
+
 class LockLost(TokenStoreError):
     """The store's lock ran out while held (a paused process): nothing may be sent."""
 

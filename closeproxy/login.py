@@ -20,8 +20,14 @@ from yarl import URL
 
 from .admin_routes import CALLBACK_PATH
 from .config import Settings, is_loopback_host
-from .errors import ConfigError, LoginFailed, ServiceError, TokenStoreError
-from .grant import GrantStore, TokenSet, Version
+from .errors import (
+    ConfigError,
+    LoginFailed,
+    ServiceError,
+    TokenServiceUnavailable,
+    TokenStoreError,
+)
+from .grant import GrantStore, SealedGrant, TokenSet, UnreadableGrant, Version
 from .oauth import OAuthClient
 from .oauth_authorize import authorize_url, pkce_pair
 
@@ -132,6 +138,14 @@ async def finish_login(
     oauth: OAuthClient, store: GrantStore, pending: PendingLogin, code: str
 ) -> LoginResult:
     """Exchange the code and store the grant, under the same lock refreshes take."""
+    # An encrypted grant this process cannot open must not be replaced: say so before the
+    # code is spent (SealedGrant names the missing setting).
+    try:
+        await store.load()
+    except (SealedGrant, TokenServiceUnavailable):
+        raise  # nowhere to put the new grant: stop before the code is spent
+    except TokenStoreError:
+        pass  # unreadable: the new grant replaces it
     sent_at = time.time()
     reply = await oauth.exchange_code(
         code, redirect_uri=pending.redirect_uri, code_verifier=pending.verifier
@@ -142,6 +156,10 @@ async def finish_login(
         try:
             # Read under the lock: the newest refresh token of the old grant, not a stale one.
             previous, version = await store.load()
+        except SealedGrant:
+            raise
+        except UnreadableGrant as exc:
+            previous, version = None, exc.version  # not a grant: the new one replaces it
         except TokenStoreError:
             previous = None  # unreadable: nothing to retire, and the new grant replaces it
         await store.save(tokens, expected=version)

@@ -25,7 +25,16 @@ def rescue_unsaved(command: str, settings: Settings, provider: TokenProvider) ->
     tokens = provider.unsaved
     if tokens is None:
         return None
-    reason = provider.save_error or f"cannot write {settings.token_file}"
+    where = provider.store.describe()
+    reason = provider.save_error or f"cannot write {where}"
+    if isinstance(provider.store, FileGrantStore):
+        fix = f"`mv {{candidate}} {settings.token_file}` before any closeproxy refreshes again"
+    else:
+        # No command writes a file's tokens into Redis: use them from the file meanwhile.
+        fix = (
+            "`closeproxy login`; until then `--token-store file --token-file {candidate}` "
+            "serves with them"
+        )
     stamp = time.strftime("%Y%m%dT%H%M%S")
     name = f"{settings.token_file.name}.unsaved-{stamp}-{os.getpid()}"
     candidates = [
@@ -40,15 +49,14 @@ def rescue_unsaved(command: str, settings: Settings, provider: TokenProvider) ->
         print(
             f"closeproxy {command}: Close issued new tokens but they could not be saved "
             f"({reason}); they are in {candidate} (readable by you only), and the refresh token in "
-            f"{settings.token_file} is already spent: fix the cause, then run "
-            f"`mv {candidate} {settings.token_file}` before any closeproxy refreshes again",
+            f"{where} is already spent: fix the cause, then run {fix.format(candidate=candidate)}",
             file=sys.stderr,
         )
         return 1
     print(
         f"closeproxy {command}: Close issued new tokens but they could not be saved ({reason}), "
         f"nor written anywhere else, so they are lost and the refresh token in "
-        f"{settings.token_file} is spent: fix the cause, then run `closeproxy login`",
+        f"{where} is spent: fix the cause, then run `closeproxy login`",
         file=sys.stderr,
     )
     return 1

@@ -85,7 +85,7 @@ async def run_command(
     )
     assert RUN_KEY_NAME != PROXY_KEY_NAME
     async with running(private, browser_login=False) as where:
-        warn_at_start(private, browser_login=False, proxy_url=where.url)
+        await warn_at_start(private, browser_login=False, proxy_url=where.url)
         try:
             child = await asyncio.create_subprocess_exec(
                 *argv, env=child_environment(os.environ, where.url, key)

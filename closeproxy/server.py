@@ -19,12 +19,12 @@ from aiohttp import web
 from .access_log import AccessLogger
 from .app import create_app
 from .config import Settings
-from .errors import ConfigError, TokenStoreError
-from .file_store import FileGrantStore
+from .errors import ConfigError, TokenServiceUnavailable, TokenStoreError
 from .login import login_advice
 from .logs import ACCESS_LOGGER
 from .oauth import DEFAULT_BACKOFF
 from .signals import STOP_SIGNALS, on_signals
+from .wiring import open_store
 
 log = logging.getLogger("closeproxy.server")
 
@@ -256,12 +256,17 @@ def _bound_port(addresses: list[object], wanted: int) -> int:
     return wanted
 
 
-def warn_at_start(settings: Settings, *, browser_login: bool, proxy_url: str | None) -> None:
+async def warn_at_start(settings: Settings, *, browser_login: bool, proxy_url: str | None) -> None:
     """One warning at start when /api/v1/ answers, or soon will answer, only 401s."""
+    store = open_store(settings)
     try:
-        tokens = FileGrantStore(settings.token_file).read()  # issue 12: via wiring.open_store
-    except TokenStoreError:
+        tokens = (await store.load()).tokens
+    except TokenStoreError as exc:
+        if isinstance(exc, TokenServiceUnavailable):
+            log.warning("%s", exc)  # serving starts anyway, and recovers when it is back
         return  # every request reports this one, with its own fix
+    finally:
+        await store.aclose()
     if tokens is not None and not tokens.refresh_rejected:
         if tokens.refresh_token is not None and (
             not settings.client_id or settings.client_secret is None
@@ -277,9 +282,9 @@ def warn_at_start(settings: Settings, *, browser_login: bool, proxy_url: str | N
     what = "not logged in" if tokens is None else "the stored grant was rejected by Close"
     advice = login_advice(settings, browser_login=browser_login, proxy_url=proxy_url)
     log.warning(
-        "%s (token file %s), so /api/v1/ answers 401 login_required: %s",
+        "%s (%s), so /api/v1/ answers 401 login_required: %s",
         what,
-        settings.token_file,
+        store.describe(),
         advice,
     )
 
@@ -298,7 +303,7 @@ async def serve(
             log.info("proxy for %s listening on %s", settings.api_url, where.url)
             for scoped in settings.keys:
                 log.info("key %r may make %s", scoped.name, scoped.scope())
-            warn_at_start(
+            await warn_at_start(
                 settings,
                 browser_login=True,
                 proxy_url=where.url if where.port is not None else None,

@@ -32,6 +32,7 @@ from .parsing import (
     UpstreamProxy,
 )
 from .secret import Secret
+from .store_options import FILE_STORE, StoreSecret, StoreURL, TokenStore
 from .upstream_proxy import Direct, ProxyURL, UpstreamRoute, resolve
 
 APP_NAME = "closeproxy"
@@ -111,6 +112,28 @@ class Settings:
         FilePath(),
         described="tokens.json in the user data directory",
         help="where the tokens are kept",
+    )
+    token_store: StoreURL = option(
+        StoreURL(FILE_STORE),
+        TokenStore(),
+        help="where the grant lives: {default} (the token file), or the redis://, rediss:// "
+        "or unix:// URL of a Redis that several closeproxy processes share (needs "
+        "closeproxy[redis]; the password and database as redis-py reads them)",
+    )
+    token_store_key: str = option(
+        "closeproxy:grant",
+        Text(),
+        metavar="KEY",
+        help="the key of the grant in Redis ({default})",
+    )
+    token_store_secret: Secret | None = option(
+        None,
+        StoreSecret(),
+        flag="--token-store-key-file",
+        file_key="token_store_key_file",
+        help="file holding the key that encrypts the tokens in Redis with AES-GCM: 32 random "
+        "bytes in base64, as `openssl rand -base64 32` prints them (the environment "
+        "variable holds the key itself)",
     )
     proxy_key: Secret | None = option(
         None,

@@ -21,7 +21,7 @@ from .errors import (
     TokenRequestRejected,
     TokenServiceUnavailable,
 )
-from .grant import GrantStore, TokenSet
+from .grant import GrantStore, LockLost, TokenSet
 from .grant_cache import GrantCache
 from .oauth import OAuthClient
 from .refresh_policy import IF_DUE, Force, RefreshIntent, Rejected, must_refresh_at, refresh_due_at
@@ -266,7 +266,13 @@ class TokenProvider:
                 return tokens, False
             if self.oauth is None or tokens.refresh_token is None:
                 raise self._cannot_refresh_error(tokens)
-            await lease.confirm()  # never send a refresh token without holding the lock
+            try:
+                await lease.confirm()  # never send a refresh token without holding the lock
+            except LockLost as exc:
+                # Paused past the lock's lifetime: another process may have refreshed and
+                # spent this refresh token. Send nothing; the caller reads the store again.
+                log.warning("%s", exc)
+                return self.usable(await self.cache.latest_under_lock()), False
             sent_at = self._clock()
             try:
                 reply = await self.oauth.refresh(tokens.refresh_token)

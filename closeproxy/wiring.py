@@ -15,14 +15,24 @@ from .config import Settings
 from .file_store import FileGrantStore
 from .grant import GrantStore
 from .oauth import DEFAULT_BACKOFF
+from .sealing import parse_key
+from .store_options import FILE_STORE
 from .tokens import DEFAULT_LOGIN_ADVICE, REQUEST_WAIT, TokenProvider
 from .upstream import oauth_client
 
 
 def open_store(settings: Settings) -> GrantStore:
-    """The grant store the settings name. Today always the token file."""
-    # Issue 12: `if settings.token_store != "file": return RedisGrantStore(...)` goes here.
-    return FileGrantStore(settings.token_file)
+    """The grant store the settings name: the token file, or a key in Redis."""
+    if settings.token_store == FILE_STORE:
+        return FileGrantStore(settings.token_file)
+    from .redis_store import RedisGrantStore  # redis-py only for those who use it
+
+    secret = settings.token_store_secret
+    return RedisGrantStore(
+        settings.token_store,
+        settings.token_store_key,
+        secret=parse_key(secret.reveal()) if secret is not None else None,
+    )
 
 
 def token_provider(

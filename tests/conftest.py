@@ -18,6 +18,7 @@ from helpers import FAST_BACKOFF, Proxy, ProxyFactory, ServeProcess, make_settin
 from closeproxy.server import running
 from closeproxy.services import SERVICES
 from closeproxy.sim import RunningSim, SimConfig, SimState, run_sim
+from closeproxy.testing_redis import RedisServer
 from closeproxy.upstream_proxy import PROXY_ENV_NAMES
 
 
@@ -31,6 +32,17 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server with a password and AOF on, on a free port (tests/redis_server.py)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

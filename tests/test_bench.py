@@ -23,6 +23,7 @@ TINY: dict[str, list[str]] = {
     "slow": ["--downloads", "3", "--uploads", "3", "--settle", "0.3", "--probes", "2"],
     "ratelimit": ["--requests", "12", "--limit", "40"],
     "metrics-cost": ["--rounds", "200"],
+    "fleet": ["--proxies", "2", "--lifetime", "6", "--expiries", "1", "--concurrency", "4"],
     "compare": [
         *(
             "--load",
@@ -61,6 +62,9 @@ def test_every_mode_runs_in_a_tiny_configuration() -> None:
         assert summary["bench"] == mode
     assert "PASS  streaming acceptance" in outputs["stream"][0]
     assert "PASS  every ordinary GET answered 200" in outputs["slow"][0]
+    (fleet,) = json.loads(outputs["fleet"][0].strip().splitlines()[-1])["results"]
+    assert fleet["refreshes"] >= 1 and fleet["max_refreshes_per_expiry"] == 1, fleet
+    assert fleet["reuse"] == 0 and fleet["errors"] == 0, fleet
     compare = json.loads(outputs["compare"][0].strip().splitlines()[-1])["samples"]
     expected = {"direct", "bare", "closeproxy", "extra"}
     if Path("/usr/sbin/nginx").exists():

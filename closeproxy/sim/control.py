@@ -43,6 +43,7 @@ async def stats(request: web.Request) -> web.Response:
         {
             "counters": state.counters(),
             "knobs": state.knobs(),
+            "refresh_times": state.refresh_times,
             "rate_groups": state.rate.snapshot(),
             "data": state.org.counts(),
         }

@@ -178,6 +178,11 @@ async def _endpoint_gate(request: web.Request, state: SimState) -> web.Response 
     """Apply the token_endpoint/token_delay knobs; a response means: answer with it."""
     if state.token_delay > 0:
         await asyncio.sleep(state.token_delay)
+    if state.token_stall > 0:
+        await asyncio.sleep(state.token_stall)
+        if request.transport is None or request.transport.is_closing():
+            state.token_requests_abandoned += 1
+            return web.Response(status=499)  # never written: nobody is there to read it
     mode = state.token_endpoint
     if mode == "down":
         return web.json_response(

@@ -115,6 +115,7 @@ _token_mode = one_of(TOKEN_MODES)
 STATE_KNOBS: dict[str, Callable[[object], object]] = {
     "token_endpoint": _token_mode,
     "token_delay": nonneg_float,
+    "token_stall": nonneg_float,
     "force_401": nonneg_int,
     "revoke_old_access_on_refresh": boolean,
     "api_delay": nonneg_float,
@@ -139,6 +140,9 @@ class SimState:
 
         self.token_endpoint: TokenMode = "ok"  # noqa: S105 -- a mode name, not a secret
         self.token_delay = 0.0
+        # Seconds the token endpoint holds a request before acting on it; a client that
+        # hangs up meanwhile is never served (as if its request had not reached Close).
+        self.token_stall = 0.0
         self.force_401 = 0
         self.revoke_old_access_on_refresh = False
         self.api_delay = 0.0
@@ -158,6 +162,8 @@ class SimState:
         self.refreshes = 0
         self.code_exchanges = 0
         self.reuse_detected = 0
+        self.token_requests_abandoned = 0  # dropped unprocessed: the client left in a stall
+        self.refresh_times: list[float] = []  # wall-clock time of each refresh granted
         self.revokes = 0
         self.api_requests = 0
         self.rejected_api_requests = 0
@@ -203,6 +209,7 @@ class SimState:
             "refreshes": self.refreshes,
             "code_exchanges": self.code_exchanges,
             "reuse_detected": self.reuse_detected,
+            "token_requests_abandoned": self.token_requests_abandoned,
             "revokes": self.revokes,
             "api_requests": self.api_requests,
             "rejected_api_requests": self.rejected_api_requests,
@@ -328,6 +335,8 @@ class SimState:
                 if access.family is record.family:
                     access.revoked = True
         self.refreshes += 1
+        self.refresh_times.append(time.time())
+        self.trim(self.refresh_times)
         return self._token_reply(record.family)
 
     def revoke(self, token: str) -> None:

@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Final, Protocol
 
-from benchlib import compare, latency, metrics_cost, ratelimit, slow, stream
+from benchlib import compare, fleet, latency, metrics_cost, ratelimit, slow, stream
 from benchlib.common import FAILURES
 
 
@@ -28,6 +28,7 @@ MODES: Final[dict[str, Mode]] = {
     "ratelimit": ratelimit,
     "metrics-cost": metrics_cost,
     "compare": compare,
+    "fleet": fleet,
 }
 
 
