@@ -23,6 +23,7 @@ from .config import Settings
 from .errors import ConfigError, TokenServiceUnavailable, TokenStoreError
 from .login import login_advice
 from .logs import ACCESS_LOGGER
+from .loop import loop_name
 from .oauth import DEFAULT_BACKOFF
 from .signals import STOP_SIGNALS, on_signals
 from .wiring import open_store
@@ -80,6 +81,9 @@ async def running(
     assert runner.server is not None
     limit = raise_open_file_limit()
     admission = Admission(runner.server, client_budget(limit, settings.upstream_connections))
+    log.debug(
+        "admitting at most %d client connections (open-file limit %d)", admission.budget, limit
+    )
     listener: asyncio.Server | None = None
     try:
         if settings.unix_socket is not None:
@@ -322,7 +326,12 @@ async def serve(
     with on_signals(STOP_SIGNALS, lambda signum: stop.set()):
         async with running(settings) as where:
             on_ready(where)
-            log.info("proxy for %s listening on %s", settings.api_url, where.url)
+            log.info(
+                "proxy for %s listening on %s (event loop %s)",
+                settings.api_url,
+                where.url,
+                loop_name(asyncio.get_running_loop()),
+            )
             for scoped in settings.keys:
                 log.info("key %r may make %s", scoped.name, scoped.scope())
             await warn_at_start(
