@@ -286,3 +286,38 @@ async def test_request_ids_on_every_line_about_a_request_text_and_json(
             assert len(ids) == 1, lines
             starting = [line for line in lines if "listening on" in line]
             assert starting and "rid=" not in starting[0]
+
+
+async def test_prometheus_client_is_loaded_only_when_metrics_are_scraped(
+    sim: RunningSim, token_file: Path
+) -> None:
+    """A proxy that is never scraped does not import prometheus_client (start time, RSS)."""
+    seed_tokens(sim, token_file)
+    script = """
+import asyncio, sys
+import aiohttp
+from closeproxy.config import load_settings
+from closeproxy.server import running
+
+async def main():
+    async with running(load_settings()) as where, aiohttp.ClientSession() as client:
+        async with client.get(f"{where.url}/api/v1/me/") as resp:
+            assert resp.status == 200, resp.status
+        print("after a request:", "prometheus_client" in sys.modules)
+        async with client.get(f"{where.url}/metrics") as resp:
+            assert resp.status == 200, resp.status
+        print("after a scrape:", "prometheus_client" in sys.modules)
+
+asyncio.run(main())
+"""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        env=cli_env(proxy_env(sim, token_file)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["after a request: False", "after a scrape: True"]
