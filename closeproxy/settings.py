@@ -40,6 +40,7 @@ DEFAULT_PORT = 8730
 LOOPBACK_NAMES: frozenset[str] = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOG_FORMATS: frozenset[str] = frozenset({"text", "json"})
 LOG_LEVELS: frozenset[str] = frozenset({"debug", "info", "warning", "error"})
+SWITCH: frozenset[str] = frozenset({"on", "off"})
 EVENT_LOOPS: frozenset[str] = frozenset({"auto", "asyncio", "uvloop"})
 
 
@@ -222,6 +223,13 @@ class Settings:
         metavar="LOOP",
         help="event loop to serve on: auto (uvloop when installed, with closeproxy[fast]), "
         "asyncio or uvloop",
+    )
+    metrics: str = option(
+        "on",
+        Choice(SWITCH),
+        metavar="on|off",
+        help="on or off: serve Prometheus metrics at /metrics and count requests for them "
+        "(off answers /metrics with 404 and counts nothing)",
     )
     upstream_proxy: ProxyURL | Direct | None = option(
         None,
