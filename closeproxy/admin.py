@@ -75,6 +75,13 @@ async def admin_status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    if services.metrics is None:
+        return error_response(
+            404,
+            "not_found",
+            "metrics are turned off here (--metrics off or CLOSEPROXY_METRICS=off): "
+            "start closeproxy with metrics on to serve /metrics",
+        )
     with contextlib.suppress(TokenStoreError):  # the expiry gauge: the stored tokens now
         await services.provider.snapshot()
     body = services.metrics.exposition()
@@ -95,6 +102,7 @@ async def admin_page(request: web.Request) -> web.Response:
         services.recent.newest_first(),
         page_token=services.page_tokens.issue(),
         notice=services.notice,
+        metrics=services.metrics is not None,
     )
     return web.Response(text=page, content_type="text/html", headers=dashboard.PAGE_HEADERS)
 

@@ -61,7 +61,7 @@ async def _services(
     settings: Settings,
     backoff: Sequence[float],
     browser_login: bool,
-    metrics: Metrics,
+    metrics: Metrics | None,
     recent: Recent,
     app: web.Application,
 ) -> AsyncIterator[None]:
@@ -86,9 +86,10 @@ async def _services(
         pool_timeout=settings.pool_timeout,
         rate_limit_wait=settings.rate_limit_wait,
     )
-    _watch(metrics, provider)
-    forwarder.rate_limits.on_wait = metrics.rate_limit_wait
-    forwarder.rate_limits.on_remaining = metrics.rate_limit_remaining
+    if metrics is not None:
+        _watch(metrics, provider)
+        forwarder.rate_limits.on_wait = metrics.rate_limit_wait
+        forwarder.rate_limits.on_remaining = metrics.rate_limit_remaining
     app[SERVICES] = Services(
         settings,
         session,
@@ -123,7 +124,7 @@ class Front:
     aiohttp answers `Expect: 100-continue` before any middleware runs, so the same
     checks run in `expect` too: a refused client learns it before it uploads."""
 
-    def __init__(self, guard: Guard, metrics: Metrics, recent: Recent) -> None:
+    def __init__(self, guard: Guard, metrics: Metrics | None, recent: Recent) -> None:
         self._guard = guard
         self._metrics = metrics
         self._recent = recent
@@ -170,7 +171,11 @@ class Front:
                 else:
                     response = await self._routed(request, handler)
             # Only the proxy's own errors carry a code; a 2xx/3xx never looks it up.
-            if response.status >= 400 and (code := response.get(ERROR_CODE)) is not None:
+            if (
+                response.status >= 400
+                and self._metrics is not None
+                and (code := response.get(ERROR_CODE)) is not None
+            ):
                 self._metrics.error(code)
             return response
         finally:
@@ -185,16 +190,18 @@ class Front:
         metrics = self._metrics
         started = time.perf_counter()
         status = CLIENT_CLOSED
-        metrics.in_flight += 1
+        if metrics is not None:
+            metrics.in_flight += 1
         try:
             response = await handler(request)
             status = response.status
             return response
         finally:
-            metrics.in_flight -= 1
             elapsed = time.perf_counter() - started
             method = request.method
-            metrics.request_done(method, status, elapsed, request.get(KEY_NAME))
+            if metrics is not None:
+                metrics.in_flight -= 1
+                metrics.request_done(method, status, elapsed, request.get(KEY_NAME))
             self._recent.add(
                 RecentRequest(
                     time.time(),
@@ -246,7 +253,7 @@ def create_app(
     guard = Guard(
         allowed_hosts=settings.allowed_hosts, proxy_key=settings.proxy_key, keys=settings.keys
     )
-    metrics, recent = Metrics(), Recent()
+    metrics, recent = (Metrics() if settings.metrics == "on" else None), Recent()
     front = Front(guard, metrics, recent)
     app = web.Application(middlewares=[front.middleware])
     app.cleanup_ctx.append(

@@ -26,7 +26,7 @@ COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": tuple(
         name for name in _SERVE if name not in {"host", "port", "unix_socket", "proxy_key"}
     ),
-    "demo": ("port", *_LOGGING),
+    "demo": ("port", *_LOGGING, "event_loop"),
     "service": (),
 }
 ALIASES: dict[str, str] = {"logout": "revoke"}

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from . import terminal_login
+from . import loop, terminal_login
 from .config import DEFAULT_PORT, READ_ONLY_METHODS, Settings, parse_key_methods, parse_key_paths
 from .errors import ConfigError
 from .grant import TokenSet
@@ -39,7 +39,7 @@ def _print_ready(where: Listening) -> None:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_serve()
     setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings, on_ready=_print_ready))
+    loop.run(settings, lambda: serve(settings, on_ready=_print_ready))
     return 0
 
 
@@ -207,7 +207,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         methods = parse_key_methods(",".join(args.methods), "--methods")
     paths = parse_key_paths(",".join(args.paths), "--paths") if args.paths else ()
     setup_logging(_quiet_level(settings), settings.log_format)
-    status: int = asyncio.run(run_command(settings, argv, methods=methods, paths=paths))
+    status: int = loop.run(
+        settings, lambda: run_command(settings, argv, methods=methods, paths=paths)
+    )
     return status
 
 
@@ -235,13 +237,14 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     if "port" not in settings.sources:
         settings = replace(settings, port=DEFAULT_PORT)
-    return asyncio.run(
-        demo(
+    return loop.run(
+        settings,
+        lambda: demo(
             settings,
             exit_after=args.exit_after,
             seed=args.seed,
             say=lambda text: print(text, flush=True),
-        )
+        ),
     )
 
 

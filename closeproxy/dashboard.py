@@ -250,6 +250,7 @@ def render(
     *,
     page_token: str,
     notice: str | None = None,
+    metrics: bool = True,
 ) -> str:
     """The whole page; every value from the document is escaped, none is a secret."""
     kind, headline, detail = _banner(doc)
@@ -269,6 +270,7 @@ def render(
         _card("scope", _e(doc.get("scope") or "—")),
     ]
     notice_html = f'<p class="notice" id="notice">{_e(notice)}</p>' if notice else ""
+    metrics_link = ' · <a href="/metrics">metrics</a>' if metrics else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{RELOAD_SECONDS}">
@@ -291,6 +293,6 @@ id="revoke">Revoke and log out</button></form>
 <h2>Last {RECENT_SIZE} requests</h2>{_recent(recent)}
 <footer>closeproxy {_e(doc.get("version", ""))} · up {_e(_duration(doc.get("uptime")))}
 · token file {_e(doc.get("token_file", ""))} · reloads every {RELOAD_SECONDS} s ·
-<a href="/admin/status">status JSON</a> · <a href="/metrics">metrics</a></footer>
+<a href="/admin/status">status JSON</a>{metrics_link}</footer>
 </main><script>{_SCRIPT}</script></body></html>
 """

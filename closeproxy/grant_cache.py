@@ -4,11 +4,18 @@ Close rotates refresh tokens, so tokens it issued that the store could not save 
 newer than the store's, whose refresh token is already spent. They are served from
 memory and saved before any further refresh; a store that changed meanwhile (a new
 login) wins over them.
+
+Whether the store changed is asked at most once per CHECK_INTERVAL while the cached grant
+is usable (not an os.stat per request); a missing or rejected grant is re-checked on every
+use, so a new login elsewhere brings a failing proxy back at once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable
 
 from .errors import TokenStoreError
 from .grant import GrantStore, StaleGrant, TokenSet, Version
@@ -16,12 +23,25 @@ from .logs import register_secret
 
 log = logging.getLogger("closeproxy.tokens")
 
+# Seconds a usable cached grant is trusted without asking the store whether it changed:
+# a file replaced by another process (a new login, a refresh) is noticed within this.
+CHECK_INTERVAL = 1.0
+
 
 class GrantCache:
     """The tokens last read from or written to the store, with the version they had."""
 
-    def __init__(self, store: GrantStore) -> None:
+    def __init__(
+        self,
+        store: GrantStore,
+        *,
+        check_interval: float = CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
+        self.check_interval = check_interval
+        self._clock = clock
+        self._trusted_until = -math.inf  # no change check needed before this time
         self.tokens: TokenSet | None = None
         self.version: Version | None = None
         self.loaded = False
@@ -32,8 +52,14 @@ class GrantCache:
         self.adopted_from_store = 0
 
     async def snapshot(self) -> TokenSet | None:
-        """The current tokens: a cheap change check, a read only if the store changed."""
+        """The current tokens: a cheap change check (at most once per check_interval
+        while the grant is usable), a read only if the store changed."""
+        now = self._clock()
+        held = self.current()
+        if now < self._trusted_until and held is not None and not held.refresh_rejected:
+            return held
         changed = await self.store.changed(self.version) if self.loaded else True
+        self._trusted_until = now + self.check_interval
         if self.unsaved is not None:
             if not changed:
                 return self.unsaved

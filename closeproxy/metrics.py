@@ -3,6 +3,10 @@
 Every label comes from a bounded set: a method from METHODS (else "other"), a status
 code, a `closeproxy_error` code, a refresh result, a rate-limit group. Never a path.
 What the token provider already counts is read at scrape time, not on the request path.
+
+The request path adds to plain ints and dicts; prometheus_client (and its registry) is
+imported and built on the first scrape of /metrics only, so a proxy that is never
+scraped does not pay for it at start or in memory.
 """
 
 from __future__ import annotations
@@ -10,16 +14,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 METHODS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -52,37 +51,6 @@ class RefreshCounts:
     failed: int = 0
 
 
-class _ProviderCollector(Collector):
-    """Refresh outcomes and token expiry, read from the provider when Prometheus scrapes."""
-
-    def __init__(
-        self,
-        refreshes: Callable[[], RefreshCounts],
-        expiry: Callable[[], float | None],
-    ) -> None:
-        self._refreshes = refreshes
-        self._expiry = expiry
-
-    def collect(self) -> Iterable[Metric]:
-        counts = self._refreshes()
-        family = CounterMetricFamily(
-            "closeproxy_token_refreshes",
-            "Token refreshes this process did, by result (ok, rejected by Close, failed).",
-            labels=["result"],
-        )
-        for result in REFRESH_RESULTS:
-            family.add_metric([result], getattr(counts, result))
-        yield family
-        expiry = GaugeMetricFamily(
-            "closeproxy_token_expiry_timestamp_seconds",
-            "When the current access token expires (Unix time); absent when not logged in.",
-        )
-        expires_at = self._expiry()
-        if expires_at is not None:
-            expiry.add_metric([], expires_at)
-        yield expiry
-
-
 class _Histogram:
     """Bucket counts kept as plain ints: one bisect and two additions per observation."""
 
@@ -105,17 +73,20 @@ class _Histogram:
         return out
 
 
-class _RequestCollector(Collector):
-    """The per-request figures, turned into metric families only when Prometheus scrapes.
-
-    The request path only adds to ints in the event loop's thread: no lock, no label
-    lookup, nothing prometheus_client would do per call.
-    """
+class _Collector:
+    """Every family, built from the plain counts only when Prometheus scrapes (a
+    prometheus_client collector: it has collect())."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         m = self._metrics
         requests = CounterMetricFamily(
             "closeproxy_requests",
@@ -152,48 +123,73 @@ class _RequestCollector(Collector):
         for code, count in sorted(m.error_counts.items()):
             errors.add_metric([code], count)
         yield errors
+        waits = CounterMetricFamily(
+            "closeproxy_rate_limit_waits",
+            "Times a request waited for Close's rate limit, by endpoint group.",
+            labels=["group"],
+        )
+        waited = CounterMetricFamily(
+            "closeproxy_rate_limit_wait_seconds",
+            "Seconds requests spent waiting for Close's rate limit, by endpoint group.",
+            labels=["group"],
+        )
+        for group, (count, seconds) in sorted(m.rate_limit_waits.items()):
+            waits.add_metric([group], count)
+            waited.add_metric([group], seconds)
+        yield waits
+        yield waited
+        remaining = GaugeMetricFamily(
+            "closeproxy_rate_limit_remaining",
+            "Requests Close said are left in the current window, by endpoint group.",
+            labels=["group"],
+        )
+        for group, left in sorted(m.rate_limit_left.items()):
+            remaining.add_metric([group], left)
+        yield remaining
+        if m.provider is None:
+            return
+        counts = m.provider[0]()
+        refreshes = CounterMetricFamily(
+            "closeproxy_token_refreshes",
+            "Token refreshes this process did, by result (ok, rejected by Close, failed).",
+            labels=["result"],
+        )
+        for result in REFRESH_RESULTS:
+            refreshes.add_metric([result], getattr(counts, result))
+        yield refreshes
+        expiry = GaugeMetricFamily(
+            "closeproxy_token_expiry_timestamp_seconds",
+            "When the current access token expires (Unix time); absent when not logged in.",
+        )
+        expires_at = m.provider[1]()
+        if expires_at is not None:
+            expiry.add_metric([], expires_at)
+        yield expiry
 
 
 class Metrics:
-    """The metric objects of one proxy, registered in its own registry."""
+    """The counts of one proxy, and the registry that exposes them (made when scraped)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        registry = self.registry
         self.in_flight = 0
         # (method, status, key name): key names come from the configuration, a bounded set.
         self.request_counts: dict[tuple[str, int, str], int] = {}
         self.durations: dict[str, _Histogram] = {}
         self.upstream_durations = _Histogram()
         self.error_counts: dict[str, int] = {}
-        registry.register(_RequestCollector(self))
-        # Not on every request's path: prometheus_client's own objects are cheap enough.
-        self.rate_limit_waits = Counter(
-            "closeproxy_rate_limit_waits",
-            "Times a request waited for Close's rate limit, by endpoint group.",
-            ["group"],
-            registry=registry,
-        )
-        self.rate_limit_wait_seconds = Counter(
-            "closeproxy_rate_limit_wait_seconds",
-            "Seconds requests spent waiting for Close's rate limit, by endpoint group.",
-            ["group"],
-            registry=registry,
-        )
-        self.rate_limit_remaining_gauge = Gauge(
-            "closeproxy_rate_limit_remaining",
-            "Requests Close said are left in the current window, by endpoint group.",
-            ["group"],
-            registry=registry,
-        )
+        # group -> (waits, seconds waited); group -> Close's latest `remaining`.
+        self.rate_limit_waits: dict[str, tuple[int, float]] = {}
+        self.rate_limit_left: dict[str, float] = {}
+        self.provider: tuple[Callable[[], RefreshCounts], Callable[[], float | None]] | None = None
+        self._registry: CollectorRegistry | None = None
 
     def watch_provider(
         self,
         refreshes: Callable[[], RefreshCounts],
         expiry: Callable[[], float | None],
     ) -> None:
-        """Register the scrape-time collector of a token provider's counts."""
-        self.registry.register(_ProviderCollector(refreshes, expiry))
+        """Read a token provider's counts at scrape time."""
+        self.provider = (refreshes, expiry)
 
     def request_done(
         self, method: str, status: int, seconds: float, key_name: str | None = None
@@ -222,13 +218,18 @@ class Metrics:
 
     def rate_limit_wait(self, group: str, seconds: float) -> None:
         """A request waited `seconds` for the rate limit of a bounded endpoint group (§9)."""
-        self.rate_limit_waits.labels(group).inc()
-        self.rate_limit_wait_seconds.labels(group).inc(seconds)
+        count, total = self.rate_limit_waits.get(group, (0, 0.0))
+        self.rate_limit_waits[group] = (count + 1, total + seconds)
 
     def rate_limit_remaining(self, group: str, remaining: float) -> None:
         """Close's latest word on what is left of a group's window."""
-        self.rate_limit_remaining_gauge.labels(group).set(remaining)
+        self.rate_limit_left[group] = remaining
 
     def exposition(self) -> bytes:
-        """The text format, from prometheus_client itself."""
-        return generate_latest(self.registry)
+        """The text format, from prometheus_client itself (imported on the first call)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry()
+            self._registry.register(_Collector(self))
+        return generate_latest(self._registry)

@@ -13,6 +13,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from .config import Settings
 from .errors import ConfigError, TokenServiceUnavailable, TokenStoreError
 from .login import login_advice
 from .logs import ACCESS_LOGGER
+from .loop import loop_name
 from .oauth import DEFAULT_BACKOFF
 from .signals import STOP_SIGNALS, on_signals
 from .wiring import open_store
@@ -79,6 +81,9 @@ async def running(
     assert runner.server is not None
     limit = raise_open_file_limit()
     admission = Admission(runner.server, client_budget(limit, settings.upstream_connections))
+    log.debug(
+        "admitting at most %d client connections (open-file limit %d)", admission.budget, limit
+    )
     listener: asyncio.Server | None = None
     try:
         if settings.unix_socket is not None:
@@ -131,30 +136,50 @@ def client_budget(open_files: int, upstream_connections: int) -> int:
 
 class Admission:
     """The listening socket's protocol factory: aiohttp's handler while the client budget
-    lasts, else a short 503 and close, instead of accept() failing for everyone."""
+    lasts, else a short 503 and close, instead of accept() failing for everyone.
+
+    The budget is checked when a connection is made, against the handlers aiohttp has
+    registered by then: the one moment that is the same on every event loop. (asyncio
+    calls the factory after accept(), a whole backlog at a time; uvloop calls it before
+    accepting; both run connection_made in a later turn.)"""
 
     def __init__(self, server: web.Server, budget: int) -> None:
         self._server = server
         self.budget = budget
         self.lingering = 0  # refused connections still open (they use the reserve)
-        # Handlers handed out whose connection_made has not run yet. asyncio accepts a
-        # whole backlog in one go and calls this factory for each before any of them is
-        # counted in server.connections: without this, a burst of idle clients is all
-        # admitted, and the reserve the refusals need is gone.
-        self._pending = 0
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self._server.connections) + self._pending >= self.budget:
-            return _Refusal(self)
-        self._pending += 1
-        # The transport schedules connection_made right after this returns; a callback
-        # that schedules another one runs after it, in the next turn of the loop.
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, self._settled)
-        return self._server()
+        return _Door(self)
 
-    def _settled(self) -> None:
-        self._pending -= 1
+    def admit(self, transport: asyncio.BaseTransport) -> asyncio.BaseProtocol:
+        """The protocol that takes over `transport`: aiohttp's handler, connected and
+        counted in server.connections before this returns, or a refusal."""
+        if len(self._server.connections) >= self.budget:
+            protocol: asyncio.BaseProtocol = _Refusal(self)
+        else:
+            protocol = self._server()
+        # Before connection_made, so the transport has not read anything for the door.
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        return protocol
+
+
+class _Door(asyncio.Protocol):
+    """Stands in for a connection's protocol until it is made, then hands the transport
+    to whatever Admission.admit decides; it never sees a byte."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._successor: asyncio.BaseProtocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._successor = self._admission.admit(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Only when the transport died before it was made (the loop then tells the
+        # protocol it was created with); a successor hears it from the transport.
+        if self._successor is not None:
+            self._successor.connection_lost(exc)
 
 
 class _Refusal(asyncio.Protocol):
@@ -165,7 +190,8 @@ class _Refusal(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport on every loop, though uvloop's does not subclass asyncio's.
+        stream = cast(asyncio.Transport, transport)
         body = json.dumps(
             {
                 "error": f"this proxy already has {self._admission.budget} client connections "
@@ -175,20 +201,20 @@ class _Refusal(asyncio.Protocol):
                 "closeproxy_error": "too_many_connections",
             }
         ).encode()
-        transport.write(
+        stream.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Cache-Control: no-store\r\nConnection: close\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        if self._admission.lingering >= FD_RESERVE // 2 or not transport.can_write_eof():
-            transport.close()
+        if self._admission.lingering >= FD_RESERVE // 2 or not stream.can_write_eof():
+            stream.close()
             return
-        transport.write_eof()
+        stream.write_eof()
         # Read and drop what the client sends meanwhile, so that closing does not reset
         # the connection before it has read the answer; never for long, never for many.
         self._admission.lingering += 1
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, stream.abort)
 
     def data_received(self, data: bytes) -> None:
         pass
@@ -300,7 +326,12 @@ async def serve(
     with on_signals(STOP_SIGNALS, lambda signum: stop.set()):
         async with running(settings) as where:
             on_ready(where)
-            log.info("proxy for %s listening on %s", settings.api_url, where.url)
+            log.info(
+                "proxy for %s listening on %s (event loop %s)",
+                settings.api_url,
+                where.url,
+                loop_name(asyncio.get_running_loop()),
+            )
             for scoped in settings.keys:
                 log.info("key %r may make %s", scoped.name, scoped.scope())
             await warn_at_start(

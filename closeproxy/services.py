@@ -28,7 +28,7 @@ class Services:
     provider: TokenProvider
     forwarder: Forwarder
     upstream_route: UpstreamRoute | None = None
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics | None = None  # None: metrics are off (--metrics off)
     recent: Recent = field(default_factory=Recent)
     page_tokens: PageTokens = field(default_factory=PageTokens)
     # What the dashboard's last button press did, shown on the page after its redirect.

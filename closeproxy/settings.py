@@ -40,6 +40,8 @@ DEFAULT_PORT = 8730
 LOOPBACK_NAMES: frozenset[str] = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOG_FORMATS: frozenset[str] = frozenset({"text", "json"})
 LOG_LEVELS: frozenset[str] = frozenset({"debug", "info", "warning", "error"})
+SWITCH: frozenset[str] = frozenset({"on", "off"})
+EVENT_LOOPS: frozenset[str] = frozenset({"auto", "asyncio", "uvloop"})
 
 
 def default_config_file() -> Path:
@@ -214,6 +216,20 @@ class Settings:
         Seconds(positive=False),
         help="longest a request waits out Close's rate limits before Close's 429 is passed "
         "on ({default}; 0 passes every 429 through unchanged)",
+    )
+    event_loop: str = option(
+        "auto",
+        Choice(EVENT_LOOPS),
+        metavar="LOOP",
+        help="event loop to serve on: auto (uvloop when installed, with closeproxy[fast]), "
+        "asyncio or uvloop",
+    )
+    metrics: str = option(
+        "on",
+        Choice(SWITCH),
+        metavar="on|off",
+        help="on or off: serve Prometheus metrics at /metrics and count requests for them "
+        "(off answers /metrics with 404 and counts nothing)",
     )
     upstream_proxy: ProxyURL | Direct | None = option(
         None,

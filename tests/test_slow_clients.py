@@ -307,14 +307,21 @@ async def test_serve_raises_the_soft_open_file_limit_to_the_hard_one(
 
 
 async def test_near_the_open_file_limit_new_clients_are_refused_at_once(
-    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess], serve_loop: str
 ) -> None:
     """Idle connections beyond what the open-file limit allows: the next client gets a
     prompt 503, not a wait in the listen queue until the idle ones time out."""
     seed_tokens(sim, token_file)
     env = proxy_env(sim, token_file)
     server = await asyncio.to_thread(
-        serve_with_open_files, env, 160, 160, "--upstream-connections", "16"
+        serve_with_open_files,
+        env,
+        160,
+        160,
+        "--upstream-connections",
+        "16",
+        "--event-loop",
+        serve_loop,
     )
     serve_processes.append(server)
     idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(200)]
@@ -344,13 +351,20 @@ async def test_near_the_open_file_limit_new_clients_are_refused_at_once(
 
 
 async def test_a_burst_of_idle_clients_is_admitted_only_up_to_the_budget(
-    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess]
+    sim: RunningSim, token_file: Path, serve_processes: list[ServeProcess], serve_loop: str
 ) -> None:
     """Clients that queue up while the proxy is busy are accepted in one go: only as many
     as the budget allows may stay, the rest are refused, so the reserve stays free."""
     seed_tokens(sim, token_file)
     server = await asyncio.to_thread(
-        serve_with_open_files, proxy_env(sim, token_file), 160, 160, "--upstream-connections", "16"
+        serve_with_open_files,
+        proxy_env(sim, token_file),
+        160,
+        160,
+        "--upstream-connections",
+        "16",
+        "--event-loop",
+        serve_loop,
     )
     serve_processes.append(server)
     budget = client_budget(160, 16)
