@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .errors import ServiceError, TokenStoreError
+from .grant import SealedGrant
 
 if TYPE_CHECKING:
     from .tokens import TokenProvider
@@ -36,6 +37,14 @@ async def revoke(provider: TokenProvider) -> RevokeOutcome:
     async with store.locked():
         try:
             tokens = cache.unsaved or (await store.load()).tokens
+        except SealedGrant as exc:
+            # Encrypted with a key this process lacks: the grant of every process that
+            # has the key. Wiping it would log them all out; leave it, say how to proceed.
+            cache.forget()
+            return RevokeOutcome(
+                had_grant=True,
+                problem=f"{exc}; nothing was revoked or wiped",
+            )
         except TokenStoreError:
             wiped = await store.clear()
             cache.forget()

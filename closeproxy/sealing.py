@@ -13,7 +13,8 @@ import base64
 import binascii
 import os
 
-from .errors import ConfigError, TokenStoreError
+from .errors import ConfigError
+from .grant import SealedGrant
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -63,7 +64,8 @@ class Sealer:
             raw = base64.b64decode(value[len(PREFIX) :], validate=True)
             return self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode())
         except (binascii.Error, ValueError, InvalidTag):
-            raise TokenStoreError(
+            # SealedGrant: another process's grant, never overwritten nor wiped from here.
+            raise SealedGrant(
                 f"the tokens in {where} do not open with this token store secret: "
                 "set the same --token-store-key-file (or CLOSEPROXY_TOKEN_STORE_SECRET) "
                 "as the process that stored them"
