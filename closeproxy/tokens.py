@@ -113,7 +113,10 @@ class TokenProvider:
     def usable(self, tokens: TokenSet | None) -> TokenSet:
         """The tokens if this proxy may use them, else the error that says why not."""
         if tokens is None:
-            raise LoginRequired(f"not logged in to Close: {self.login_advice}")
+            raise LoginRequired(
+                f"not logged in to Close (no tokens in {self.store.describe()}): "
+                f"{self.login_advice}"
+            )
         issuer = tokens.api_url.rstrip("/")
         if issuer and issuer != self.api_url.rstrip("/"):
             # Never send a grant to a server that did not issue it.
