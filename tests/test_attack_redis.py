@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis as redis_py
 from helpers import run_cli_async, start_serve
 from test_redis_fleet import SECRET, seed, store_env, stored
 
@@ -22,16 +23,16 @@ from closeproxy.sim import RunningSim
 from closeproxy.testing_redis import PASSWORD, RedisServer
 
 
-def sync_client(redis: RedisServer):  # type: ignore[no-untyped-def]
-    import redis as redis_py
-
+def sync_client(redis: RedisServer) -> redis_py.Redis:
     return redis_py.Redis.from_url(redis.url, decode_responses=True)
 
 
 def raw_grant(redis: RedisServer) -> dict[str, str]:
     client = sync_client(redis)
     try:
-        return client.hgetall("closeproxy:grant")  # type: ignore[return-value]
+        value = client.hgetall("closeproxy:grant")
+        assert isinstance(value, dict)
+        return {str(k): str(v) for k, v in value.items()}
     finally:
         client.close()
 
