@@ -358,9 +358,9 @@ async def test_revoke_with_the_wrong_store_secret_does_not_wipe_the_grant(
 
 @pytest.mark.timeout(120)
 @pytest.mark.xfail(
-    strict=True,
-    reason="FAULT: even with traffic on A, `closeproxy refresh` elsewhere wins the lock "
-    "after Redis returns and sends the spent refresh token (reuse_detected=1)",
+    strict=False,  # a race: A's save retry wins in some runs, B's refresh in others
+    reason="FAULT (a race): even with traffic on A, `closeproxy refresh` elsewhere can win "
+    "the lock after Redis returns and send the spent refresh token (reuse_detected=1)",
 )
 async def test_redis_killed_before_cas_with_traffic_saves_before_another_refresh(
     sim: RunningSim, redis_server: RedisServer, tmp_path: Path
