@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
-from .errors import TokenStoreError
+from .errors import TokenServiceUnavailable, TokenStoreError
 
 FILE_VERSION = 1  # of the JSON form, not of a stored grant
 # Longer than a holder may wait for Close to answer a refresh (oauth.REFRESH_REPLY_TIMEOUT):
@@ -166,12 +166,23 @@ class LockLost(TokenStoreError):
     """The store's lock ran out while held (a paused process): nothing may be sent."""
 
 
+class RefreshInFlight(TokenServiceUnavailable, TokenStoreError):
+    """Another process sent the stored refresh token to Close and may hold the tokens Close
+    answered with, not yet saved: sending the same refresh token would spend it twice.
+    Release the lock and try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Lease(Protocol):
     """The store's lock, held; what `GrantStore.locked()` yields."""
 
     async def confirm(self) -> None:
-        """Raise LockLost unless the lock is still ours; called just before a refresh
-        token is sent to Close. A lock the kernel holds for us (a file) never ends."""
+        """Raise LockLost unless the lock is still ours, RefreshInFlight while another
+        process may hold unsaved tokens of this grant; called just before a refresh token
+        is sent to Close. A lock the kernel holds for us (a file) never ends."""
 
 
 class GrantStore(Protocol):

@@ -1,17 +1,16 @@
 """RedisGrantStore: one grant shared by processes on many machines, with fenced refresh.
 
-Layout: the hash at `key` holds `version` (a random id, new with every write) and
-`grant` (the JSON form of the tokens, sealed with AES-GCM when a store secret is set);
-the lock is the string at `key:lock`.
+Layout: the hash at `key` holds `version` (a random id, new with every write), `grant`
+(the JSON form of the tokens, sealed with AES-GCM when a store secret is set) and, while
+a refresh is in flight, `inflight` (redis_scripts.py); the lock is the string at
+`key:lock` (redis_lock.py).
 
-- The lock is `SET NX PX` with a random owner value, released and extended only by its
-  owner (server-side scripts). It lives LOCK_TTL seconds and is extended every
-  LOCK_TTL / 4 while the holder lives, so an alive holder keeps it for as long as its
-  refresh runs and a dead one frees it within LOCK_TTL.
 - Fencing: each write is a compare-and-set on the version the writer read, and the
   holder confirms, just before it sends a refresh token, that the lock is still its own
-  and the grant still the version it read. A process frozen past LOCK_TTL therefore
-  neither sends a spent refresh token nor overwrites newer tokens.
+  and the grant still the version it read, and marks the refresh in flight. A process
+  frozen past the lock's lifetime therefore neither sends a spent refresh token nor
+  overwrites newer tokens, and no process sends a refresh token whose answer another
+  live process may still be trying to store.
 - Change detection costs no round trip per request: a background task reads the
   version every CHECK_INTERVAL seconds, so a process learns of new tokens within that
   time; with the lock held the check asks Redis directly.
@@ -28,21 +27,22 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
+from . import redis_scripts
 from .errors import TokenServiceUnavailable, TokenStoreError
 from .grant import (
     LOCK_TIMEOUT,
     Lease,
     Loaded,
-    LockLost,
     SealedGrant,
     StaleGrant,
     TokenSet,
     UnreadableGrant,
     Version,
 )
+from .redis_lock import RedisLock, stop_task
 from .sealing import Sealer, is_sealed
 from .store_options import public_url
 
@@ -57,54 +57,9 @@ CHECK_INTERVAL = 2.0
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 3.0
 
-# KEYS[1] the grant hash; ARGV: expected version ("" = nothing stored), new version, value.
-_CAS = """
-local current = redis.call('HGET', KEYS[1], 'version')
-if (current or '') ~= ARGV[1] then return current or '' end
-redis.call('HSET', KEYS[1], 'version', ARGV[2], 'grant', ARGV[3])
-return {ARGV[2]}
-"""
-# KEYS[1] the lock; ARGV[1] our owner value, ARGV[2] new lifetime in ms.
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# KEYS[1] the lock, KEYS[2] the grant: is the lock ours, and which version is stored?
-_CONFIRM = """
-local ours = redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0
-return {ours, redis.call('HGET', KEYS[2], 'version') or ''}
-"""
-
 
 class TokenStoreUnavailable(TokenServiceUnavailable, TokenStoreError):
     """The shared store cannot be reached now; retrying later may work."""
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel a background task and wait for it, but never forever: a cancellation that a
-    library swallows (redis-py inside its own timeouts) must not hang a release or exit;
-    the task also checks a flag and ends by itself at its next wake-up."""
-    task.cancel()
-    await asyncio.wait({task}, timeout=1.0)
-    if task.done() and not task.cancelled():
-        task.exception()  # retrieved: it was logged where it happened
-
-
-class _RedisLease:
-    def __init__(self, store: RedisGrantStore, owner: str) -> None:
-        self._store = store
-        self.owner = owner
-        self.lost = False
-        self.released = False
-
-    async def confirm(self) -> None:
-        if self.lost:
-            raise LockLost(f"the lock in {self._store.describe()} ran out while it was held")
-        await self._store.confirm(self.owner)
 
 
 class RedisGrantStore:
@@ -121,16 +76,15 @@ class RedisGrantStore:
     ) -> None:
         self.url = url
         self.key = key
-        self.lock_key = f"{key}:lock"
-        self.lock_ttl = lock_ttl
+        self.lock = RedisLock(self, lock_ttl)
+        self.lock_key = self.lock.key
         self.check_interval = check_interval
         self._sealer = Sealer(secret) if secret is not None else None
         self._client: Redis | None = None
         self._seen: Version | None = None  # the version the store held at the last check
         self._checked = False
         self._poller: asyncio.Task[None] | None = None
-        self._read_version: Version | None = None  # the version last read with load()
-        self._holding = 0
+        self.read_version: Version | None = None  # the version last read with load()
         self._unreachable_since: float | None = None
         self._closed = False
 
@@ -149,7 +103,7 @@ class RedisGrantStore:
 
     # --- the connection ---------------------------------------------------------------
 
-    def _redis(self) -> Redis:
+    def client(self) -> Redis:
         if self._client is None:
             try:
                 from redis.asyncio import Redis
@@ -174,7 +128,7 @@ class RedisGrantStore:
                 ) from None
         return self._client
 
-    async def _call(self, what: str, command: Any) -> Any:
+    async def call(self, what: str, command: Any) -> Any:
         from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
         try:
@@ -202,11 +156,11 @@ class RedisGrantStore:
     # --- reading ----------------------------------------------------------------------
 
     async def load(self) -> Loaded:
-        version, value = await self._call(
-            "read the tokens", self._redis().hmget(self.key, ["version", "grant"])
+        version, value = await self.call(
+            "read the tokens", self.client().hmget(self.key, ["version", "grant"])
         )
         self._note(version or None)
-        self._read_version = version or None
+        self.read_version = version or None
         if not version or value is None:
             return Loaded(None, None)
         return Loaded(self._decode(value, version), version)
@@ -235,8 +189,8 @@ class RedisGrantStore:
         return f"{self.key}\n{version}"
 
     async def changed(self, since: Version | None) -> bool:
-        if self._holding:
-            version = await self._call("check the tokens", self._redis().hget(self.key, "version"))
+        if self.lock.leases:
+            version = await self.call("check the tokens", self.client().hget(self.key, "version"))
             self._note(version or None)
         else:
             self._start_poller()
@@ -258,8 +212,8 @@ class RedisGrantStore:
             if self._closed:
                 return
             try:
-                version = await self._call(
-                    "check the tokens", self._redis().hget(self.key, "version")
+                version = await self.call(
+                    "check the tokens", self.client().hget(self.key, "version")
                 )
             except TokenStoreError as exc:
                 if not warned:
@@ -280,9 +234,10 @@ class RedisGrantStore:
             if self._sealer is not None
             else plain
         )
-        result = await self._call(
+        self.lock.note_write()
+        result = await self.call(
             "store the tokens",
-            self._redis().eval(_CAS, 1, self.key, expected or "", version, value),
+            self.client().eval(redis_scripts.CAS, 1, self.key, expected or "", version, value),
         )
         if not isinstance(result, list):
             self._note(result or None)
@@ -293,89 +248,31 @@ class RedisGrantStore:
                 "stored newer tokens"
             )
         self._note(version)
-        self._read_version = version
+        self.read_version = version
         return version
 
     async def _refuse_over_sealed(self) -> None:
-        value = await self._call("read the tokens", self._redis().hget(self.key, "grant"))
+        value = await self.call("read the tokens", self.client().hget(self.key, "grant"))
         if isinstance(value, str) and is_sealed(value):
             self._decode(value, "")  # raises SealedGrant: say which setting is missing
 
     async def clear(self) -> bool:
         if self._sealer is None:
             await self._refuse_over_sealed()
-        removed = await self._call("delete the tokens", self._redis().delete(self.key))
+        removed = await self.call("delete the tokens", self.client().delete(self.key))
         self._note(None)
-        self._read_version = None
+        self.read_version = None
         return bool(removed)
 
     # --- the lock ---------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def locked(self, wait: float = LOCK_TIMEOUT) -> AsyncIterator[Lease]:
-        owner = secrets.token_hex(16)
-        ttl_ms = int(self.lock_ttl * 1000)
-        deadline = time.monotonic() + wait
-        delay = 0.01
-        redis = self._redis()
-        while not await self._call(
-            "take the lock", redis.set(self.lock_key, owner, nx=True, px=ttl_ms)
-        ):
-            if time.monotonic() >= deadline:
-                raise TokenStoreError(
-                    f"another closeproxy process has held the lock {self.lock_key} in "
-                    f"{self.describe()} for over {wait:g} s: check for a stuck process"
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-        lease = _RedisLease(self, owner)
-        keeper = asyncio.ensure_future(self._keep(lease, ttl_ms))
-        self._holding += 1
-        try:
-            yield lease
-        finally:
-            self._holding -= 1
-            lease.released = True
-            await _stop(keeper)
-            with contextlib.suppress(TokenStoreError):
-                # Unreachable: the lock runs out by itself within lock_ttl.
-                await self._call("release the lock", redis.eval(_RELEASE, 1, self.lock_key, owner))
-
-    async def _keep(self, lease: _RedisLease, ttl_ms: int) -> None:
-        """Extend the lock while its holder lives; note when it was lost."""
-        while not lease.released:
-            await asyncio.sleep(self.lock_ttl / 4)
-            if lease.released:
-                return
-            try:
-                kept = await self._call(
-                    "extend the lock",
-                    self._redis().eval(_EXTEND, 1, self.lock_key, lease.owner, ttl_ms),
-                )
-            except TokenStoreError:
-                continue  # it may still hold; confirm() asks Redis before anything is sent
-            if not kept:
-                lease.lost = True
-                return
-
-    async def confirm(self, owner: str) -> None:
-        """Raise LockLost unless the lock is `owner`'s and the grant is as last read."""
-        ours, version = await self._call(
-            "check the lock",
-            self._redis().eval(_CONFIRM, 2, self.lock_key, self.key, owner),
-        )
-        if not ours:
-            raise LockLost(
-                f"the lock in {self.describe()} ran out while this process held it (was it "
-                "paused?): it sends nothing and reads the store again"
-            )
-        if (version or None) != self._read_version:
-            raise LockLost(f"{self.describe()} changed while this process held its lock")
+    def locked(self, wait: float = LOCK_TIMEOUT) -> AbstractAsyncContextManager[Lease]:
+        return self.lock.held(wait)
 
     async def aclose(self) -> None:
         self._closed = True
         if self._poller is not None:
-            await _stop(self._poller)
+            await stop_task(self._poller)
             self._poller = None
         if self._client is not None:
             client, self._client = self._client, None

@@ -21,7 +21,7 @@ from .errors import (
     TokenRequestRejected,
     TokenServiceUnavailable,
 )
-from .grant import GrantStore, LockLost, TokenSet
+from .grant import GrantStore, LockLost, RefreshInFlight, TokenSet
 from .grant_cache import GrantCache
 from .oauth import OAuthClient
 from .refresh_policy import IF_DUE, Force, RefreshIntent, Rejected, must_refresh_at, refresh_due_at
@@ -39,6 +39,11 @@ REFUSAL_COOLDOWN = 10.0
 DEFAULT_LOGIN_ADVICE = "run `closeproxy login`"
 # How long a client-facing request waits for a refresh; the refresh itself goes on.
 REQUEST_WAIT = 15.0
+# How often an idle process retries saving tokens the store refused (their refresh
+# token is only in its memory), and how long a refresh waits for another process that
+# may hold such tokens (RefreshInFlight) before it fails.
+UNSAVED_RETRY = 1.0
+IN_FLIGHT_WAIT = 60.0
 
 
 @dataclass
@@ -82,6 +87,7 @@ class TokenProvider:
         self.request_wait = request_wait
         self._next_save_attempt = 0.0
         self._inflight: asyncio.Task[tuple[TokenSet, bool]] | None = None
+        self._save_retry: asyncio.Task[None] | None = None
         self._background_after = 0.0
         # A token Close refused right after a refresh: refreshing again would not help.
         self._hopeless: str | None = None
@@ -205,6 +211,9 @@ class TokenProvider:
 
     async def aclose(self) -> None:
         """Let a refresh in progress finish writing its tokens; save unsaved ones if we can."""
+        if self._save_retry is not None:
+            self._save_retry.cancel()
+            await asyncio.gather(self._save_retry, return_exceptions=True)
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
         await self.cache.flush()
@@ -249,6 +258,7 @@ class TokenProvider:
             self.last_refresh_error = None
             return
         self._counters.refresh_failures += 1
+        repeated = self.last_refresh_error == str(exc)
         self.last_refresh_error = str(exc)
         now = self._clock()
         self._background_after = now + BACKGROUND_RETRY
@@ -257,10 +267,43 @@ class TokenProvider:
             # Close will refuse the same credentials again: do not ask at request rate.
             self._refusal = (now + REFUSAL_COOLDOWN, exc)
         if self.log_failures:
-            log.warning("token refresh failed: %s", exc)
+            # The same failure again (a store down while its save is retried each second)
+            # is logged once, at debug level after that.
+            log.log(logging.DEBUG if repeated else logging.WARNING, "token refresh failed: %s", exc)
+
+    def _retry_unsaved(self) -> None:
+        """Retry saving unsaved tokens in the background, traffic or not, until they are
+        saved or the store holds newer ones: until then only this process can refresh."""
+        if self._save_retry is None or self._save_retry.done():
+            self._save_retry = asyncio.ensure_future(self._save_unsaved_loop())
+
+    async def _save_unsaved_loop(self) -> None:
+        while self.cache.unsaved is not None:
+            await asyncio.sleep(UNSAVED_RETRY)
+            if self.cache.unsaved is None:
+                return
+            if self._inflight is None:
+                self._start_flight(IF_DUE)  # saves them first, under the lock
+            if self._inflight is not None:
+                await asyncio.gather(asyncio.shield(self._inflight), return_exceptions=True)
 
     async def _refresh_locked(self, intent: RefreshIntent) -> tuple[TokenSet, bool]:
-        """The tokens, and whether Close was asked for them."""
+        """The tokens, and whether Close was asked for them; waits (lock released) while
+        another process may hold unsaved tokens of this grant."""
+        deadline = time.monotonic() + IN_FLIGHT_WAIT
+        logged = False
+        while True:
+            try:
+                return await self._refresh_once(intent)
+            except RefreshInFlight as exc:
+                if time.monotonic() + exc.retry_after > deadline:
+                    raise
+                if not logged:
+                    log.warning("%s", exc)
+                    logged = True
+                await asyncio.sleep(exc.retry_after)
+
+    async def _refresh_once(self, intent: RefreshIntent) -> tuple[TokenSet, bool]:
         async with self.store.locked() as lease:
             # Another process may have refreshed while we waited for the lock.
             tokens = self.usable(await self.cache.latest_under_lock())
@@ -292,6 +335,7 @@ class TokenProvider:
             # Stored before anyone uses it where possible: a lost refresh token is a re-login.
             if not await self.cache.store_fresh(fresh, expected=version):
                 self._next_save_attempt = self._clock() + SAVE_RETRY
+                self._retry_unsaved()
                 return fresh, True
             log.info(
                 "refreshed the access token; it expires in %.0f s", fresh.expires_in(self._clock())

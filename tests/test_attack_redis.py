@@ -1,6 +1,5 @@
 """Hostile tests of the Redis token store: real redis-server, real simulator, real
-`closeproxy` processes. A passing test documents a defence; an xfail(strict) test
-documents a fault that is still there (see its reason)."""
+`closeproxy` processes. Each test documents a defence."""
 
 from __future__ import annotations
 
@@ -57,15 +56,12 @@ async def wait_answered(sim: RunningSim, timeout: float = 15) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="FAULT: tokens Close issued while Redis was down live only in the memory of an "
-    "idle proxy; nothing retries the save without traffic, so once the stale lock runs out "
-    "another process refreshes with the spent refresh token (reuse_detected)",
-)
 async def test_redis_killed_between_close_reply_and_cas_write(
     sim: RunningSim, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """Tokens Close issued while Redis was down live only in an idle proxy's memory: it
+    retries the save without traffic, and its in-flight mark stops another process from
+    refreshing with the spent refresh token meanwhile (it failed before the mark)."""
     old = await seed(sim, redis_server)
     env_a = store_env(sim, redis_server, tmp_path / "a")
     env_b = store_env(sim, redis_server, tmp_path / "b")
@@ -240,14 +236,11 @@ async def test_a_process_with_the_wrong_store_secret_refuses_and_writes_nothing(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="FAULT (by design?): the lock key is the only thing stopping a second send; "
-    "deleting it by hand mid-refresh lets a second process send the same refresh token",
-)
 async def test_lock_key_deleted_by_hand_mid_refresh(
     sim: RunningSim, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """With the lock key gone, the in-flight mark still stops a second send of the same
+    refresh token (it failed before the mark)."""
     await seed(sim, redis_server)
     env_a = store_env(sim, redis_server, tmp_path / "a")
     env_b = store_env(sim, redis_server, tmp_path / "b")
@@ -357,15 +350,11 @@ async def test_revoke_with_the_wrong_store_secret_does_not_wipe_the_grant(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=False,  # a race: A's save retry wins in some runs, B's refresh in others
-    reason="FAULT (a race): even with traffic on A, `closeproxy refresh` elsewhere can win "
-    "the lock after Redis returns and send the spent refresh token (reuse_detected=1)",
-)
 async def test_redis_killed_before_cas_with_traffic_saves_before_another_refresh(
     sim: RunningSim, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """The same kill, but proxy A keeps serving traffic: does its save retry win the race?"""
+    """The same kill, but proxy A keeps serving traffic: another process's refresh waits
+    for A's save rather than racing it (a race A lost in some runs before the mark)."""
     await seed(sim, redis_server)
     env_a = store_env(sim, redis_server, tmp_path / "a")
     env_b = store_env(sim, redis_server, tmp_path / "b")

@@ -28,6 +28,7 @@ from test_login import LoginProcess, consent
 
 from closeproxy.config import load_settings
 from closeproxy.grant import TokenSet
+from closeproxy.redis_lock import RedisLease, RedisLock
 from closeproxy.redis_store import RedisGrantStore
 from closeproxy.refresh_policy import Rejected
 from closeproxy.sim import RunningSim
@@ -198,17 +199,28 @@ class FrozenAtConfirm(RedisGrantStore):
     send the refresh token, while another process takes the expired lock and refreshes."""
 
     def __init__(self, url: str, other: list[str], env: dict[str, str]) -> None:
-        super().__init__(url, lock_ttl=0.5)
+        super().__init__(url)
+        self.lock = FrozenLock(self, other, env)
+
+    @property
+    def other(self) -> subprocess.CompletedProcess[str] | None:
+        assert isinstance(self.lock, FrozenLock)
+        return self.lock.other
+
+
+class FrozenLock(RedisLock):
+    def __init__(self, store: RedisGrantStore, other: list[str], env: dict[str, str]) -> None:
+        super().__init__(store, ttl=0.5)
         self.command, self.env = other, env
         self.other: subprocess.CompletedProcess[str] | None = None
 
-    async def confirm(self, owner: str) -> None:
+    async def confirm(self, lease: RedisLease) -> None:
         if self.other is None:
             # Blocking on purpose: no renewal of our lock can run, like a stopped process.
             self.other = subprocess.run(
                 self.command, env=cli_env(self.env), capture_output=True, text=True, timeout=60
             )
-        await super().confirm(owner)
+        await super().confirm(lease)
 
 
 async def test_a_refresh_frozen_past_its_lock_neither_sends_nor_overwrites(

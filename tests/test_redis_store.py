@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from closeproxy.errors import TokenServiceUnavailable, TokenStoreError
-from closeproxy.grant import LockLost, SealedGrant, StaleGrant, TokenSet
+from closeproxy.grant import LockLost, RefreshInFlight, SealedGrant, StaleGrant, TokenSet
 from closeproxy.redis_store import RedisGrantStore
 from closeproxy.store_options import public_url
 from closeproxy.testing_redis import PASSWORD, RedisServer
@@ -149,6 +149,98 @@ async def test_a_frozen_holder_can_neither_send_nor_overwrite(redis_server: Redi
     finally:
         await paused.aclose()
         await other.aclose()
+
+
+async def test_a_refresh_marked_in_flight_holds_back_every_other_process(
+    redis_server: RedisServer,
+) -> None:
+    """The in-flight mark: written at confirm, renewed while held, kept when the write
+    failed (tokens may exist only in the holder's memory), deleted by the write."""
+    holder = RedisGrantStore(redis_server.url, lock_ttl=0.4)
+    other = RedisGrantStore(redis_server.url, lock_ttl=0.4)
+    try:
+        async with holder.locked():
+            version = await holder.save(tokens(1), expected=None)
+        assert "inflight" not in raw(redis_server)
+        async with holder.locked() as lease:
+            await holder.load()
+            await lease.confirm()  # about to send the refresh token: marked
+            assert raw(redis_server)["inflight"].startswith(holder.lock.process_id + " ")
+            redis_server.kill()  # Close answers, but the write cannot reach Redis
+            with pytest.raises(TokenServiceUnavailable):
+                await holder.save(tokens(2), expected=version)
+        redis_server.start()  # AOF: the old grant, and the mark, are back
+        assert raw(redis_server)["inflight"].startswith(holder.lock.process_id + " ")
+        async with other.locked(wait=2) as theirs:
+            await other.load()
+            with pytest.raises(RefreshInFlight) as held_back:
+                await theirs.confirm()
+        assert 0 < held_back.value.retry_after <= 1
+        assert "has not stored the new tokens yet" in str(held_back.value)
+        # The holder's save retry succeeds: the mark goes with the write.
+        async with holder.locked(wait=2):
+            await holder.save(tokens(2), expected=version)
+        assert "inflight" not in raw(redis_server)
+        async with other.locked(wait=2) as theirs:
+            await other.load()
+            await theirs.confirm()
+    finally:
+        await holder.aclose()
+        await other.aclose()
+
+
+async def test_a_dead_owners_mark_is_taken_over_after_its_lifetime_and_abandon(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisGrantStore(redis_server.url, lock_ttl=0.3)
+    store.lock.abandon = 0.5
+    try:
+        async with store.locked():
+            await store.save(tokens(1), expected=None)
+        # What a holder SIGKILLed mid-refresh leaves behind: its mark, beating no more.
+        await store.client().hset("closeproxy:grant", "inflight", f"dead {_redis_ms(store)} 0")
+        started = time.monotonic()
+        while True:
+            async with store.locked(wait=2) as lease:
+                await store.load()
+                try:
+                    await lease.confirm()
+                except RefreshInFlight as exc:
+                    retry = exc.retry_after
+                else:
+                    assert raw(redis_server)["inflight"].startswith(store.lock.process_id + " ")
+                    break
+            await asyncio.sleep(retry)
+        waited = time.monotonic() - started
+        assert 0.7 < waited < 3, waited  # its lifetime (0.3 s), then abandon (0.5 s)
+    finally:
+        await store.aclose()
+
+
+async def test_a_refresh_that_got_nothing_to_save_leaves_no_mark(redis_server: RedisServer) -> None:
+    store = RedisGrantStore(redis_server.url)
+    try:
+        async with store.locked():
+            await store.save(tokens(1), expected=None)
+        async with store.locked() as lease:
+            await store.load()
+            await lease.confirm()
+            assert "inflight" in raw(redis_server)
+            # Close failed (5xx, timeout): no tokens, nothing to wait for.
+        assert "inflight" not in raw(redis_server)
+    finally:
+        await store.aclose()
+
+
+def _redis_ms(store: RedisGrantStore) -> int:
+    import redis
+
+    client = redis.Redis.from_url(store.url)
+    try:
+        seconds, micros = client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+    finally:
+        client.close()
 
 
 async def test_sealed_tokens_are_not_readable_and_never_overwritten_without_the_key(
