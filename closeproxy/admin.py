@@ -32,6 +32,7 @@ from .refresh_policy import FORCE
 from .responses import error_response, json_response, service_error_response
 from .revoke import revoke
 from .services import SERVICES, Services
+from .settings import spelled
 from .status import status_document
 
 log = logging.getLogger("closeproxy.admin")
@@ -79,8 +80,8 @@ async def metrics(request: web.Request) -> web.Response:
         return error_response(
             404,
             "not_found",
-            "metrics are turned off here (--metrics off or CLOSEPROXY_METRICS=off): "
-            "start closeproxy with metrics on to serve /metrics",
+            f"metrics are turned off here ({spelled('metrics')} is off): start closeproxy "
+            "with metrics on to serve /metrics",
         )
     with contextlib.suppress(TokenStoreError):  # the expiry gauge: the stored tokens now
         await services.provider.snapshot()

@@ -44,6 +44,7 @@ from .grant import (
 )
 from .redis_lock import RedisLock, stop_task
 from .sealing import Sealer, is_sealed
+from .settings import spelled
 from .store_options import public_url
 
 if TYPE_CHECKING:
@@ -170,10 +171,12 @@ class RedisGrantStore:
             if self._sealer is None:
                 raise SealedGrant(
                     f"the tokens in {self.describe()} are encrypted and no token store "
-                    "secret is set: set --token-store-key-file (or "
-                    "CLOSEPROXY_TOKEN_STORE_SECRET) to the key they were stored with"
+                    f"secret is set: set {spelled('token_store_secret')} to the key they "
+                    "were stored with"
                 )
-            raw = self._sealer.open(value, self._context(version), self.describe())
+            raw = self._sealer.open(
+                value, self._context(version), self.describe(), spelled("token_store_secret")
+            )
         else:
             raw = value.encode()
         try:

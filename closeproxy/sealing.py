@@ -57,7 +57,8 @@ class Sealer:
         sealed = self._aead.encrypt(nonce, plain, context.encode())
         return PREFIX + base64.b64encode(nonce + sealed).decode("ascii")
 
-    def open(self, value: str, context: str, where: str) -> bytes:
+    def open(self, value: str, context: str, where: str, setting: str) -> bytes:
+        """The plain value; SealedGrant names `where` it is and the `setting` to fix."""
         from cryptography.exceptions import InvalidTag
 
         try:
@@ -67,6 +68,5 @@ class Sealer:
             # SealedGrant: another process's grant, never overwritten nor wiped from here.
             raise SealedGrant(
                 f"the tokens in {where} do not open with this token store secret: "
-                "set the same --token-store-key-file (or CLOSEPROXY_TOKEN_STORE_SECRET) "
-                "as the process that stored them"
+                f"set the same {setting} as the process that stored them"
             ) from None

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import resource
 import socket
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from aiohttp import web
 
 from .access_log import AccessLogger
+from .admission import Admission, client_budget, raise_open_file_limit
 from .app import create_app
 from .config import Settings
 from .errors import ConfigError, TokenServiceUnavailable, TokenStoreError
@@ -25,6 +23,7 @@ from .login import login_advice
 from .logs import ACCESS_LOGGER
 from .loop import loop_name
 from .oauth import DEFAULT_BACKOFF
+from .settings import client_hint
 from .signals import STOP_SIGNALS, on_signals
 from .wiring import open_store
 
@@ -36,11 +35,6 @@ MAX_REQUEST_LINE = 16 * 1024
 MAX_HEADER_FIELD = 16 * 1024
 MAX_HEADERS = 100
 LISTEN_BACKLOG = 128
-# Open files kept free for everything but client connections: token and lock files,
-# logs, DNS, the listening sockets, connections being refused.
-FD_RESERVE = 64
-# How long a refused connection may take to read its answer before it is dropped.
-REFUSAL_LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,120 +103,6 @@ async def running(
         await runner.cleanup()
         if settings.unix_socket is not None:
             _remove_own_socket(settings.unix_socket)
-
-
-def raise_open_file_limit() -> int:
-    """Raise the soft open-file limit to the hard one; returns the soft limit in force.
-
-    The common default of 1024 is easily reached by idle keep-alive clients; once it is,
-    accept() fails and every new client waits, the polite ones included."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or (hard != resource.RLIM_INFINITY and soft >= hard):
-        return soft if soft != resource.RLIM_INFINITY else 1 << 20
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:
-        log.debug("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
-        return soft
-    log.debug("raised the open-file limit from %d to %d", soft, target)
-    return target
-
-
-def client_budget(open_files: int, upstream_connections: int) -> int:
-    """How many client connections fit beside the upstream ones and the reserve."""
-    return max(open_files // 4, open_files - upstream_connections - FD_RESERVE)
-
-
-class Admission:
-    """The listening socket's protocol factory: aiohttp's handler while the client budget
-    lasts, else a short 503 and close, instead of accept() failing for everyone.
-
-    The budget is checked when a connection is made, against the handlers aiohttp has
-    registered by then: the one moment that is the same on every event loop. (asyncio
-    calls the factory after accept(), a whole backlog at a time; uvloop calls it before
-    accepting; both run connection_made in a later turn.)"""
-
-    def __init__(self, server: web.Server, budget: int) -> None:
-        self._server = server
-        self.budget = budget
-        self.lingering = 0  # refused connections still open (they use the reserve)
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        return _Door(self)
-
-    def admit(self, transport: asyncio.BaseTransport) -> asyncio.BaseProtocol:
-        """The protocol that takes over `transport`: aiohttp's handler, connected and
-        counted in server.connections before this returns, or a refusal."""
-        if len(self._server.connections) >= self.budget:
-            protocol: asyncio.BaseProtocol = _Refusal(self)
-        else:
-            protocol = self._server()
-        # Before connection_made, so the transport has not read anything for the door.
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        return protocol
-
-
-class _Door(asyncio.Protocol):
-    """Stands in for a connection's protocol until it is made, then hands the transport
-    to whatever Admission.admit decides; it never sees a byte."""
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
-        self._successor: asyncio.BaseProtocol | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._successor = self._admission.admit(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Only when the transport died before it was made (the loop then tells the
-        # protocol it was created with); a successor hears it from the transport.
-        if self._successor is not None:
-            self._successor.connection_lost(exc)
-
-
-class _Refusal(asyncio.Protocol):
-    """Answers 503 too_many_connections to whatever the client sends, then hangs up."""
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport on every loop, though uvloop's does not subclass asyncio's.
-        stream = cast(asyncio.Transport, transport)
-        body = json.dumps(
-            {
-                "error": f"this proxy already has {self._admission.budget} client connections "
-                "open, "
-                "as many as its open-file limit allows: close idle connections, or raise "
-                "the limit (ulimit -n) before starting closeproxy",
-                "closeproxy_error": "too_many_connections",
-            }
-        ).encode()
-        stream.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Cache-Control: no-store\r\nConnection: close\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        if self._admission.lingering >= FD_RESERVE // 2 or not stream.can_write_eof():
-            stream.close()
-            return
-        stream.write_eof()
-        # Read and drop what the client sends meanwhile, so that closing does not reset
-        # the connection before it has read the answer; never for long, never for many.
-        self._admission.lingering += 1
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, stream.abort)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._admission.lingering -= 1
 
 
 async def _listen_private_socket(admission: Admission, path: str) -> asyncio.Server:
@@ -300,9 +180,9 @@ async def warn_at_start(settings: Settings, *, browser_login: bool, proxy_url: s
             log.warning(
                 "no client id and secret are configured, so the access token cannot be "
                 "refreshed and /api/v1/ answers 401 client_not_configured once it expires "
-                "(in %.0f s): set CLOSEPROXY_CLIENT_ID and CLOSEPROXY_CLIENT_SECRET (or "
-                "client_id and client_secret_file in the config file)",
+                "(in %.0f s): set %s",
                 max(tokens.expires_in(), 0),
+                client_hint(),
             )
         return
     what = "not logged in" if tokens is None else "the stored grant was rejected by Close"

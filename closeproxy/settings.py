@@ -309,6 +309,12 @@ def _how_to_set(name: str, file: str) -> str:
     return OPTIONS_BY_NAME[name].how_to_set(file)
 
 
+def spelled(name: str) -> str:
+    """A setting as messages name it: `--flag (or CLOSEPROXY_NAME)`."""
+    declared = OPTIONS_BY_NAME[name]
+    return f"{declared.flag} (or {declared.env})"
+
+
 def client_hint() -> str:
     """Where the OAuth client is set: both variables, or both keys of the config file."""
     cid, secret = OPTIONS_BY_NAME["client_id"], OPTIONS_BY_NAME["client_secret"]

@@ -13,19 +13,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import (
-    ClientNotConfigured,
-    GrantMismatch,
-    LoginRequired,
-    ServiceError,
-    TokenRequestRejected,
-    TokenServiceUnavailable,
-)
+from .errors import LoginRequired, TokenRequestRejected, TokenServiceUnavailable
 from .grant import GrantStore, LockLost, RefreshInFlight, TokenSet
 from .grant_cache import GrantCache
 from .oauth import OAuthClient
-from .refresh_policy import IF_DUE, Force, RefreshIntent, Rejected, must_refresh_at, refresh_due_at
-from .settings import client_hint
+from .refresh_policy import (
+    IF_DUE,
+    Force,
+    RefreshIntent,
+    Rejected,
+    cannot_refresh_error,
+    must_refresh_at,
+    refresh_due_at,
+    satisfies,
+    usable,
+)
 
 log = logging.getLogger("closeproxy.tokens")
 
@@ -118,22 +120,9 @@ class TokenProvider:
 
     def usable(self, tokens: TokenSet | None) -> TokenSet:
         """The tokens if this proxy may use them, else the error that says why not."""
-        if tokens is None:
-            raise LoginRequired(
-                f"not logged in to Close (no tokens in {self.store.describe()}): "
-                f"{self.login_advice}"
-            )
-        issuer = tokens.api_url.rstrip("/")
-        if issuer and issuer != self.api_url.rstrip("/"):
-            # Never send a grant to a server that did not issue it.
-            raise GrantMismatch(
-                f"the stored tokens were issued by {issuer}, but this closeproxy talks to "
-                f"{self.api_url}: set --api-url back to {issuer}, or run `closeproxy login` "
-                f"to log in to {self.api_url}"
-            )
-        if tokens.refresh_rejected:
-            raise _rejected_error()
-        return tokens
+        return usable(
+            tokens, store=self.store.describe(), api_url=self.api_url, advice=self.login_advice
+        )
 
     # --- handing out tokens -------------------------------------------------------------
 
@@ -152,7 +141,7 @@ class TokenProvider:
         if not self._can_refresh(tokens):
             if now < tokens.expires_at:
                 return tokens
-            raise self._cannot_refresh_error(tokens)
+            raise cannot_refresh_error(tokens)
         if now < must_refresh_at(tokens) and not wait_for_refresh:
             if now >= self._background_after:
                 log.debug(
@@ -221,27 +210,10 @@ class TokenProvider:
     # --- the refresh itself ----------------------------------------------------------
 
     def _satisfies(self, tokens: TokenSet, intent: RefreshIntent) -> bool:
-        """True when `tokens` already meet a non-forced intent."""
-        return (
-            not (isinstance(intent, Rejected) and tokens.access_token == intent.token)
-            and not tokens.refresh_rejected
-            and self._clock() < refresh_due_at(tokens, self.margin)
-        )
+        return satisfies(tokens, intent, margin=self.margin, now=self._clock())
 
     def _can_refresh(self, tokens: TokenSet) -> bool:
         return self.oauth is not None and tokens.refresh_token is not None
-
-    def _cannot_refresh_error(self, tokens: TokenSet) -> ServiceError:
-        if tokens.refresh_token is None:
-            return LoginRequired(
-                "the access token expired and Close gave no refresh token (the OAuth app "
-                "lacks offline_access): run `closeproxy login` again"
-            )
-        return ClientNotConfigured(
-            "the access token expired and cannot be refreshed because no OAuth client is "
-            f"configured: set the client id and secret of your Close OAuth app "
-            f"({client_hint()}) and start closeproxy again"
-        )
 
     def _start_flight(self, intent: RefreshIntent) -> None:
         if self._inflight is None:
@@ -311,7 +283,7 @@ class TokenProvider:
             if not isinstance(intent, Force) and self._satisfies(tokens, intent):
                 return tokens, False
             if self.oauth is None or tokens.refresh_token is None:
-                raise self._cannot_refresh_error(tokens)
+                raise cannot_refresh_error(tokens)
             try:
                 await lease.confirm()  # never send a refresh token without holding the lock
             except LockLost as exc:
@@ -341,10 +313,3 @@ class TokenProvider:
                 "refreshed the access token; it expires in %.0f s", fresh.expires_in(self._clock())
             )
             return self.usable(self.cache.tokens), True
-
-
-def _rejected_error() -> LoginRequired:
-    return LoginRequired(
-        "Close rejected the stored refresh token (invalid_grant), so the grant is gone: "
-        "run `closeproxy login` to log in again"
-    )

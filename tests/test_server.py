@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from closeproxy.server import FD_RESERVE, Admission
+from closeproxy.admission import FD_RESERVE, Admission
 
 
 class LoopAgnosticTransport:

@@ -116,3 +116,58 @@ def test_a_row_that_disagrees_with_its_declaration_fails(
     problems = table_problems(README.read_text(encoding="utf-8"), declared)
     assert problems
     assert problems[0].startswith(f"rate_limit_wait: {problem}"), problems
+
+
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*[a-z]")
+_ENV = re.compile(r"\bCLOSEPROXY_[A-Z_]*[A-Z]\b")
+
+
+def _parser_flags() -> set[str]:
+    import argparse
+
+    from closeproxy.arguments import build_parser
+
+    flags: set[str] = set()
+    pending = [build_parser()]
+    while pending:
+        parser = pending.pop()
+        for action in parser._actions:
+            flags.update(option for option in action.option_strings if option.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+    return flags
+
+
+def test_every_flag_and_variable_a_message_names_exists() -> None:
+    """Messages name settings by hand ("raise --upstream-timeout"): a renamed setting must
+    not leave a message pointing at a flag or variable that no longer exists."""
+    package = Path(__file__).resolve().parents[1] / "closeproxy"
+    # Other programs' flags (systemctl --user --now) and docstring placeholders.
+    flags = _parser_flags() | {"--user", "--now", "--flag", "--retry-wait"}
+    # Variables closeproxy sets for a child that are not settings, and placeholders.
+    other_env = {"CLOSEPROXY_URL", "CLOSEPROXY_KEY", "CLOSEPROXY_NAME", "CLOSEPROXY_RETRY_WAIT"}
+    envs = {option.env for option in OPTIONS} | other_env
+    unknown: list[str] = []
+    for path in sorted(package.rglob("*.py")):
+        if "sim" in path.relative_to(package).parts or path.name == "dashboard.py":
+            continue  # the simulator has its own command line; CSS has var(--fg)
+        text = path.read_text()
+        unknown += [f"{path.name}: {flag}" for flag in _FLAG.findall(text) if flag not in flags]
+        unknown += [f"{path.name}: {env}" for env in _ENV.findall(text) if env not in envs]
+    assert unknown == [], unknown
+
+
+def test_every_module_is_on_the_readme_map() -> None:
+    """README's "Development" map names every module of the package, and no other."""
+    section = README.read_text().split("\n## Development\n", 1)[1].split("\n## ", 1)[0]
+    named = {
+        name
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for name in _CODE.findall(line.split("|")[1])
+    }
+    package = README.parent / "closeproxy"
+    modules = {path.name for path in package.glob("*.py")} - {"__init__.py", "__main__.py"}
+    modules.add("sim/")
+    assert sorted(modules - named) == []
+    assert sorted(named - modules) == []

@@ -27,7 +27,7 @@ from helpers import (
     seed_tokens,
 )
 
-from closeproxy.server import client_budget
+from closeproxy.admission import client_budget
 from closeproxy.sim import RunningSim
 
 
