@@ -80,7 +80,7 @@ async def metrics(request: web.Request) -> web.Response:
         return error_response(
             404,
             "not_found",
-            f"metrics are turned off here ({spelled('metrics')} is off): start closeproxy "
+            f"metrics are turned off here ({spelled('metrics')} set to off): start closeproxy "
             "with metrics on to serve /metrics",
         )
     with contextlib.suppress(TokenStoreError):  # the expiry gauge: the stored tokens now

@@ -339,7 +339,7 @@ async def test_metrics_off_answers_404_and_still_proxies(
             assert resp.status == 404
             body = await resp.json()
             assert body["closeproxy_error"] == "not_found"
-            assert "--metrics off" in body["error"]
+            assert "--metrics (or CLOSEPROXY_METRICS) set to off" in body["error"]
         async with client.get(f"{proxy.url}/admin/") as resp:
             assert resp.status == 200
             page = await resp.text()
