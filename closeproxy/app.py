@@ -67,7 +67,7 @@ async def _services(
 ) -> AsyncIterator[None]:
     route = settings.upstream_route()
     log.info("connections to Close at %s go %s", settings.api_url, route.label)
-    session = client_session(route, settings.upstream_connections, metrics)
+    session = client_session(route, settings.upstream_connections)
     provider = token_provider(
         settings,
         session,
@@ -90,6 +90,7 @@ async def _services(
         _watch(metrics, provider)
         forwarder.rate_limits.on_wait = metrics.rate_limit_wait
         forwarder.rate_limits.on_remaining = metrics.rate_limit_remaining
+        forwarder.on_upstream(metrics.upstream)
     app[SERVICES] = Services(
         settings,
         session,

@@ -77,6 +77,10 @@ class Forwarder:
             route=upstream_route,
         )
 
+    def on_upstream(self, observe: Callable[[float], None]) -> None:
+        """Call `observe` with the seconds from sending each request to Close to its head."""
+        self._exchange.on_upstream = observe
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
         pacer = Pacer(self._client_limits, self._slow_share)

@@ -6,17 +6,13 @@ request to Close (API call, token refresh, revoke) goes out with the same rules.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import aiohttp
 
 from .config import Settings
 from .logs import register_secret
-from .metrics import Metrics
 from .oauth import DEFAULT_BACKOFF, OAuthClient
-from .proxy import API_PREFIX
 from .upstream_proxy import UpstreamRoute
 
 # aiohttp would otherwise add these to forwarded requests; the proxy must not invent
@@ -30,32 +26,9 @@ UPSTREAM_READ_BUFFER = 256 * 1024
 TOKEN_CONNECTIONS = 8
 
 
-def upstream_timing(metrics: Metrics) -> aiohttp.TraceConfig:
-    """Times each /api/v1/ request to Close up to its response head, from outside proxy.py."""
-
-    async def start(
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestStartParams,
-    ) -> None:
-        ctx.started = time.perf_counter()
-
-    async def end(
-        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        if params.url.raw_path.startswith(API_PREFIX):
-            metrics.upstream(time.perf_counter() - ctx.started)
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(start)
-    trace.on_request_end.append(end)
-    return trace
-
-
 def client_session(
     route: UpstreamRoute | None = None,
     connections: int = 256,
-    metrics: Metrics | None = None,
 ) -> aiohttp.ClientSession:
     """The one pooled, keep-alive session that carries every upstream request.
 
@@ -77,7 +50,6 @@ def client_session(
         timeout=aiohttp.ClientTimeout(total=None),
         trust_env=False,
         proxy=route.session_proxy() if route is not None else None,
-        trace_configs=[upstream_timing(metrics)] if metrics is not None else None,
     )
 
 
