@@ -12,12 +12,13 @@ use, so a new login elsewhere brings a failing proxy back at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Callable
 
-from .errors import TokenStoreError
+from .errors import TokenServiceUnavailable, TokenStoreError
 from .grant import GrantStore, StaleGrant, TokenSet, Version
 from .logs import register_secret
 
@@ -26,6 +27,10 @@ log = logging.getLogger("closeproxy.tokens")
 # Seconds a usable cached grant is trusted without asking the store whether it changed:
 # a file replaced by another process (a new login, a refresh) is noticed within this.
 CHECK_INTERVAL = 1.0
+# Before exit, how long unsaved tokens are retried while the store is unreachable, and
+# how often.
+FLUSH_WAIT = 30.0
+FLUSH_RETRY = 1.0
 
 
 class GrantCache:
@@ -149,22 +154,46 @@ class GrantCache:
             return False
         return True
 
-    async def flush(self, wait: float = 5.0) -> None:
-        """Before exit: one more try to save unsaved tokens, unless the store changed."""
+    async def flush(self, wait: float = FLUSH_WAIT) -> None:
+        """Before exit: save unsaved tokens unless the store changed, retrying for up to
+        `wait` seconds while the store is unreachable (a Redis restarting)."""
         if self.unsaved is None:
             return
-        try:
-            async with self.store.locked(wait=wait):
-                if await self.store.changed(self.version):
-                    self.unsaved = None  # a newer login was written meanwhile: keep it
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await self._flush_once(max(deadline - time.monotonic(), 0.1))
+                return
+            except TokenStoreError as exc:
+                # Only an unreachable store is worth waiting for (not a full disk).
+                if (
+                    not isinstance(exc, TokenServiceUnavailable)
+                    or time.monotonic() + FLUSH_RETRY >= deadline
+                ):
+                    self._lost(exc)
                     return
-                await self.save_unsaved()
-        except TokenStoreError as exc:
-            self.save_error = str(exc)
-            log.error(
-                "the newest tokens could still not be saved (%s): they are lost when this "
-                "process exits, and %s holds a refresh token Close has already replaced, so "
-                "the next start needs `closeproxy login`",
-                exc,
-                self.store.describe(),
-            )
+                if self.save_error != str(exc):
+                    log.warning(
+                        "the newest tokens are not saved yet (%s); retrying for up to %.0f s",
+                        exc,
+                        deadline - time.monotonic(),
+                    )
+                self.save_error = str(exc)
+                await asyncio.sleep(FLUSH_RETRY)
+
+    async def _flush_once(self, wait: float) -> None:
+        async with self.store.locked(wait=wait):
+            if await self.store.changed(self.version):
+                self.unsaved = None  # a newer login was written meanwhile: keep it
+                return
+            await self.save_unsaved()
+
+    def _lost(self, exc: TokenStoreError) -> None:
+        self.save_error = str(exc)
+        log.error(
+            "the newest tokens could still not be saved (%s): they are lost when this "
+            "process exits, and %s holds a refresh token Close has already replaced, so "
+            "the next start needs `closeproxy login`",
+            exc,
+            self.store.describe(),
+        )

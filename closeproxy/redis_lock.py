@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # After a stale mark is first seen, how long its owner has to come back (it retries its
 # save every second) before another process may send the refresh token.
-ABANDON = 5.0
+ABANDON = 4.0
 
 
 async def stop_task(task: asyncio.Task[None]) -> None:
@@ -169,6 +169,6 @@ class RedisLock:
                 "and has not stored the new tokens yet (was Redis restarted, or its lock "
                 "deleted?): this process does not spend the same refresh token; it waits "
                 f"for that process, or at most {self.ttl + self.abandon:g} s if it died",
-                retry_after=min(1.0, int(answer[1]) / 1000),
+                retry_after=min(1.0, max(0.05, float(answer[1]) / 1000)),
             )
         lease.marked = True

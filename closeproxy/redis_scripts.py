@@ -13,6 +13,8 @@ stored yet, `inflight`: "<process id> <beat ms> <seen ms>" (Redis's own clock, T
   in between, is the mark taken over. The owner of tokens Close issued while Redis was
   down thus gets the time it needs to save them once Redis is back (it retries every
   second), and a dead owner delays the next refresh by the lock's lifetime plus ABANDON.
+  A beat or sighting ahead of Redis's clock counts from now; a mark that does not parse
+  is taken over at once.
 """
 
 from __future__ import annotations
@@ -78,15 +80,23 @@ local mark = redis.call('HGET', KEYS[2], 'inflight')
 if mark then
   local owner, beat, seen = string.match(mark, '^(%S+) (%d+) (%d+)$')
   if owner and owner ~= ARGV[3] then
-    local age = now - tonumber(beat)
-    if age < fresh then return {'busy', tostring(fresh - age)} end
-    local since = now - tonumber(seen)
-    if tonumber(seen) < tonumber(beat) then
-      local noted = owner .. ' ' .. beat .. ' ' .. string.format('%d', now)
-      redis.call('HSET', KEYS[2], 'inflight', noted)
-      return {'busy', tostring(abandon)}
+    beat, seen = tonumber(beat), tonumber(seen)
+    if beat > now or seen > now then
+      -- From the future (a clock stepped back, a failover, a hand-written mark): count
+      -- from now, so that it lasts no longer than one from a holder that just died.
+      beat, seen = math.min(beat, now), math.min(seen, now)
+      local clamped = owner .. ' ' .. string.format('%d', beat) .. ' ' .. string.format('%d', seen)
+      redis.call('HSET', KEYS[2], 'inflight', clamped)
     end
-    if since < abandon then return {'busy', tostring(abandon - since)} end
+    local age = now - beat
+    if age < fresh then return {'busy', string.format('%d', fresh - age)} end
+    if seen < beat then
+      local noted = owner .. ' ' .. string.format('%d', beat) .. ' ' .. string.format('%d', now)
+      redis.call('HSET', KEYS[2], 'inflight', noted)
+      return {'busy', string.format('%d', abandon)}
+    end
+    local since = now - seen
+    if since < abandon then return {'busy', string.format('%d', abandon - since)} end
   end
 end
 redis.call('HSET', KEYS[2], 'inflight', ARGV[3] .. ' ' .. string.format('%d', now) .. ' 0')

@@ -247,8 +247,12 @@ class RedisGrantStore:
             if self._sealer is None and result:
                 await self._refuse_over_sealed()
             raise StaleGrant(
-                f"{self.describe()} changed since this process read it: another process "
-                "stored newer tokens"
+                f"{self.describe()} changed since this process read it: "
+                + (
+                    "another process stored newer tokens"
+                    if result
+                    else "it holds no tokens now (revoked, deleted, or Redis lost its data)"
+                )
             )
         self._note(version)
         self.read_version = version
