@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ClientNotConfigured, GrantMismatch, LoginRequired, ServiceError
-from .grant import TokenSet
+from .grant import GrantStore, TokenSet
 from .settings import client_hint
 
 # A token this close to expiry is refreshed before use, not in the background.
@@ -58,11 +58,12 @@ def satisfies(tokens: TokenSet, intent: RefreshIntent, *, margin: float, now: fl
     )
 
 
-def usable(tokens: TokenSet | None, *, store: str, api_url: str, advice: str) -> TokenSet:
+def usable(tokens: TokenSet | None, *, store: GrantStore, api_url: str, advice: str) -> TokenSet:
     """The tokens if a proxy talking to `api_url` may use them, else the error that says
-    why not; `store` names where they were looked for, `advice` how to log in."""
+    why not; `store` is where they were looked for, `advice` how to log in. Runs on every
+    request: nothing is built unless it fails."""
     if tokens is None:
-        raise LoginRequired(f"not logged in to Close (no tokens in {store}): {advice}")
+        raise LoginRequired(f"not logged in to Close (no tokens in {store.describe()}): {advice}")
     issuer = tokens.api_url.rstrip("/")
     if issuer and issuer != api_url.rstrip("/"):
         # Never send a grant to a server that did not issue it.

@@ -120,9 +120,7 @@ class TokenProvider:
 
     def usable(self, tokens: TokenSet | None) -> TokenSet:
         """The tokens if this proxy may use them, else the error that says why not."""
-        return usable(
-            tokens, store=self.store.describe(), api_url=self.api_url, advice=self.login_advice
-        )
+        return usable(tokens, store=self.store, api_url=self.api_url, advice=self.login_advice)
 
     # --- handing out tokens -------------------------------------------------------------
 
