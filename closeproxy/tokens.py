@@ -34,9 +34,7 @@ log = logging.getLogger("closeproxy.tokens")
 # After a failed background refresh, wait this long before trying again in the
 # background; requests keep using the still-valid token meanwhile.
 BACKGROUND_RETRY = 30.0
-# How often to retry saving tokens the disk refused, and how long to answer a refusal of
-# our client credentials without asking Close again.
-SAVE_RETRY = 5.0
+# How long to answer a refusal of our client credentials without asking Close again.
 REFUSAL_COOLDOWN = 10.0
 DEFAULT_LOGIN_ADVICE = "run `closeproxy login`"
 # How long a client-facing request waits for a refresh; the refresh itself goes on.
@@ -87,7 +85,6 @@ class TokenProvider:
         self.last_refresh_error: str | None = None
         self._clock = clock
         self.request_wait = request_wait
-        self._next_save_attempt = 0.0
         self._inflight: asyncio.Task[tuple[TokenSet, bool]] | None = None
         self._save_retry: asyncio.Task[None] | None = None
         self._background_after = 0.0
@@ -133,9 +130,7 @@ class TokenProvider:
         tokens = self.usable(await self.snapshot())
         now = self._clock()
         if now < refresh_due_at(tokens, self.margin):
-            if self.cache.unsaved is not None and now >= self._next_save_attempt:
-                self._start_flight(IF_DUE)  # try to save them again, in the background
-            return tokens
+            return tokens  # unsaved tokens are retried by _save_unsaved_loop, not here
         if not self._can_refresh(tokens):
             if now < tokens.expires_at:
                 return tokens
@@ -232,7 +227,6 @@ class TokenProvider:
         self.last_refresh_error = str(exc)
         now = self._clock()
         self._background_after = now + BACKGROUND_RETRY
-        self._next_save_attempt = now + SAVE_RETRY
         if isinstance(exc, TokenRequestRejected):
             # Close will refuse the same credentials again: do not ask at request rate.
             self._refusal = (now + REFUSAL_COOLDOWN, exc)
@@ -304,7 +298,6 @@ class TokenProvider:
             self._counters.refreshes += 1
             # Stored before anyone uses it where possible: a lost refresh token is a re-login.
             if not await self.cache.store_fresh(fresh, expected=version):
-                self._next_save_attempt = self._clock() + SAVE_RETRY
                 self._retry_unsaved()
                 return fresh, True
             log.info(
