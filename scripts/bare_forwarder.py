@@ -1,6 +1,6 @@
 """The floor for `bench.py compare`: aiohttp forwarding with no guard, no token, no log.
 
-    python scripts/bare_forwarder.py UPSTREAM_URL 'Authorization: Bearer ...' [--port 0]
+    python scripts/bare_forwarder.py UPSTREAM_URL 'Authorization: Bearer ...' [--port 0] [--uvloop]
 
 One shared ClientSession, bodies streamed both ways, one fixed header set on the way up.
 """
@@ -51,7 +51,9 @@ async def serve(upstream: str, header: str, port: int) -> None:
     runner = web.AppRunner(make_app(upstream, name.strip(), value.strip()), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"listening on http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
+    uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    loop = "uvloop" if uvloop else "asyncio"
+    print(f"listening on http://127.0.0.1:{runner.addresses[0][1]} (event loop {loop})", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
@@ -65,5 +67,12 @@ if __name__ == "__main__":
     parser.add_argument("upstream")
     parser.add_argument("header", help="'Name: value' set on every request")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
-    asyncio.run(serve(args.upstream, args.header, args.port))
+    factory = None
+    if args.uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args.upstream, args.header, args.port))

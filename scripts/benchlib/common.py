@@ -106,14 +106,9 @@ def closeproxy_child(
     name: str = "proxy",
     log_level: str = "info",
     args: Sequence[str] = (),
-    argv: Sequence[str] | None = None,
     port: int = 0,
 ) -> Child:
-    """Spawn `closeproxy serve ARGS` logged in to `sim` (not yet waited for).
-
-    `argv` replaces the command (a launcher that sets up the loop first, say); the
-    arguments still follow it.
-    """
+    """Spawn `closeproxy serve ARGS` logged in to `sim` (not yet waited for)."""
     config = SimConfig()
     env = proxy_env(
         sim.url,
@@ -122,7 +117,7 @@ def closeproxy_child(
         client_secret=config.client_secret,
         CLOSEPROXY_LOG_LEVEL=log_level,
     )
-    command = [*(argv if argv is not None else serve_argv()), "--port", str(port), *args]
+    command = [*serve_argv(), "--port", str(port), *args]
     return Child.spawn(command, child_env(env), name=name, log_dir=workdir)
 
 

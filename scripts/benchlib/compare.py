@@ -27,7 +27,7 @@ from typing import Final
 
 from benchlib import load
 from benchlib.common import MB, ME_PATH, BenchError, Sim, say, start_sim
-from benchlib.peers import NGINX, Variant, find_tool, start
+from benchlib.peers import NGINX, Variant, find_tool, loop_of, start
 from benchlib.procfs import cpu_seconds
 
 BUILT_IN: Final = (
@@ -35,6 +35,7 @@ BUILT_IN: Final = (
     Variant("bare", "bare"),
     Variant("closeproxy", "closeproxy"),
     Variant("closeproxy-quiet", "closeproxy", ("--log-level", "warning")),
+    Variant("bare-uvloop", "bare", uvloop=True),
     Variant("closeproxy-uvloop", "closeproxy", uvloop=True),
     Variant("nginx", "nginx"),
     Variant("mitmproxy", "mitmproxy"),
@@ -51,6 +52,7 @@ class Sample:
     cpu_per_request: float | None
     start_seconds: float | None
     idle_rss: int | None
+    loop: str | None = None
 
 
 # Peers found on the machine: variant kind -> (option, default path or name on PATH).
@@ -116,6 +118,7 @@ def repetition(
         cpu_per_request=cpu / busy.requests if cpu is not None and busy.requests else None,
         start_seconds=running.start_seconds,
         idle_rss=running.idle_rss,
+        loop=loop_of(running),
     )
 
 
@@ -151,6 +154,7 @@ COLUMNS: Final = (
     ("start s", 7),
     ("idle RSS MB", 11),
     ("errors", 6),
+    ("loop", 7),
 )
 
 
@@ -176,6 +180,7 @@ def table(results: dict[str, list[Sample]], baseline: str, connections: int) -> 
                 number(mine["start_seconds"], 1, 2),
                 number(mine["idle_rss"], 1 / MB, 1),
                 str(sum(sample.errors for sample in samples)),
+                ",".join(sorted({sample.loop for sample in samples if sample.loop})) or "-",
             ]
         )
     return [

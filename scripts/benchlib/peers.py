@@ -7,6 +7,7 @@ the first proxied answer, not to a log line) that adds the simulator's bearer to
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -24,11 +25,8 @@ from closeproxy.testing import Child, NotReady, child_env, free_port
 SCRIPTS: Final = Path(__file__).resolve().parent.parent
 NGINX: Final = "/usr/sbin/nginx"
 START_TIMEOUT: Final = 20.0
-# Runs `closeproxy serve` on uvloop without a change to closeproxy (it uses asyncio.run).
-UVLOOP_SERVE: Final = (
-    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from closeproxy.cli import main; sys.exit(main(sys.argv[1:]))"
-)
+# closeproxy's and the bare forwarder's start lines both end "(event loop NAME)".
+EVENT_LOOP: Final = re.compile(r"\(event loop (\w+)\)")
 MITM_ADDON: Final = """\
 import os
 
@@ -42,12 +40,23 @@ def request(flow):
 
 @dataclass(frozen=True)
 class Variant:
-    """One target: its kind, and for closeproxy the extra `serve` arguments."""
+    """One target: its kind, and for closeproxy the extra `serve` arguments.
+
+    Python targets run on the standard loop unless `uvloop`: closeproxy's own `auto`
+    would pick uvloop whenever it is installed, and a ratio is only fair between two
+    targets on the same loop. A --variant that names --event-loop itself keeps it.
+    """
 
     name: str
     kind: str  # direct | bare | closeproxy | nginx | mitmproxy
     args: tuple[str, ...] = ()
     uvloop: bool = False
+
+    def serve_args(self) -> tuple[str, ...]:
+        """closeproxy's `serve` arguments, the event loop pinned unless given."""
+        if any(arg == "--event-loop" or arg.startswith("--event-loop=") for arg in self.args):
+            return self.args
+        return ("--event-loop", "uvloop" if self.uvloop else "asyncio", *self.args)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -106,11 +115,11 @@ def spawn(
 ) -> Child:
     name = variant.name
     if variant.kind == "closeproxy":
-        argv = [sys.executable, "-c", UVLOOP_SERVE, "serve"] if variant.uvloop else None
-        return closeproxy_child(sim, workdir, name=name, args=variant.args, argv=argv, port=port)
+        return closeproxy_child(sim, workdir, name=name, args=variant.serve_args(), port=port)
     if variant.kind == "bare":
         argv = [sys.executable, str(SCRIPTS / "bare_forwarder.py"), sim.url]
         argv += [f"Authorization: {bearer}", "--port", str(port)]
+        argv += ["--uvloop"] if variant.uvloop else []
         return Child.spawn(argv, child_env({}), name=name, log_dir=workdir)
     if variant.kind == "nginx":
         prefix = workdir / name
@@ -136,6 +145,14 @@ def spawn(
         env = child_env({"BENCH_AUTHORIZATION": bearer})
         return Child.spawn(argv, env, name=name, log_dir=workdir)
     raise ValueError(f"unknown kind {variant.kind!r}")
+
+
+def loop_of(running: Running) -> str | None:
+    """The loop named in a stopped target's start line ("event loop uvloop"), if any."""
+    if running.child is None:
+        return None
+    found = EVENT_LOOP.search("".join(running.child.stdout) + running.child.logs)
+    return found.group(1) if found else None
 
 
 def first_answer(running: Running, timeout: float = START_TIMEOUT) -> None:
