@@ -73,7 +73,12 @@ class Pacer:
         self._waited = 0.0
         self._paced = 0.0  # waited while holding a connection to Close
         self._moved = 0
+        # One timer for the request's life, not one per wait: most waits end long
+        # before it is due, and a wait arms a new one only if it is due sooner.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._waiting = False
+        self._first = 0.0  # when the current wait is first looked at
         self._deadline = 0.0
         self._content: StreamReader | None = None
         self._response: web.StreamResponse | None = None
@@ -117,6 +122,9 @@ class Pacer:
             self._request = None
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.seated:
             self.seated = False
             self._share.give()
@@ -134,13 +142,20 @@ class Pacer:
             # earned (a trickle); bytes sitting in socket buffers earn nothing once it stops.
             allowance = SLOW_AFTER + self._moved / FAST_ENOUGH - self._paced
             first = min(first, now + SLOW_AFTER, now + max(allowance, 0.0))
-        self._timer = self._loop.call_at(first, self._check)
+        self._first = first
+        self._waiting = True
+        if self._timer is None or self._timer_at > first:
+            self._schedule(first)
         return now
 
-    def _disarm(self, started: float) -> None:
+    def _schedule(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+        self._timer = self._loop.call_at(when, self._check)
+        self._timer_at = when
+
+    def _disarm(self, started: float) -> None:
+        self._waiting = False
         waited = self._loop.time() - started
         self._waited += waited
         if self.holds_upstream:
@@ -148,11 +163,15 @@ class Pacer:
 
     def _check(self) -> None:
         self._timer = None
-        now = self._loop.time()
-        if now < self._deadline and self.holds_upstream and not self.seated:
+        if not self._waiting:
+            return  # due between two waits: the next one arms it again
+        if self._timer_at < self._first:
+            self._schedule(self._first)  # armed by an earlier wait; this one is due later
+            return
+        if self._timer_at < self._deadline and self.holds_upstream and not self.seated:
             if self._share.take():
                 self.seated = True
-                self._timer = self._loop.call_at(self._deadline, self._check)
+                self._schedule(self._deadline)
                 return
             self._cut(
                 ClientTooSlow(
