@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ServiceError
-from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
+from .pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare, Watch
 from .proxy_body import BodyTooLarge, RequestBody
 from .proxy_exchange import CLIENT_GONE, Exchange, ForwardCounters, UpstreamFailed
 from .proxy_headers import request_headers, response_headers
@@ -67,6 +67,7 @@ class Forwarder:
         self._slots = asyncio.Semaphore(connections)
         self._pool_timeout = pool_timeout
         self._slow_share = SlowShare(max(1, connections // 2))
+        self._watch = Watch()
         self.counters = ForwardCounters()
         self.rate_limits = RateLimits(rate_limit_wait)
         self._exchange = Exchange(
@@ -83,7 +84,7 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
-        pacer = Pacer(self._client_limits, self._slow_share)
+        pacer = Pacer(self._client_limits, self._slow_share, self._watch)
         try:
             return await self._forward(request, pacer)
         except ServiceError as exc:

@@ -1,9 +1,9 @@
-"""The Pacer's one timer: waits that end in time never cut, one that does not is cut on time.
+"""The Pacer's waits: those that end in time are never cut, one that does not is cut on time.
 
-The Pacer keeps a single timer for a request's life (issue 11): a wait arms a new one
-only when it is due sooner than the one pending, and a timer armed by an earlier wait
-that fires during a later one moves on to that wait's own time. These run the Pacer
-against a stand-in for the client's side whose writes take as long as told.
+One Watch looks at every request's wait in progress each TICK (issue 11), instead of a
+timer per wait: a wait must be cut at its own deadline (within a TICK), whatever the
+waits before it. These run the Pacer against a stand-in for the client's side whose
+writes take as long as told.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from closeproxy.pacing import ClientLimits, ClientTooSlow, Pacer, SlowShare
+from closeproxy.pacing import TICK, ClientLimits, ClientTooSlow, Pacer, SlowShare, Watch
 
 
 class Client:
@@ -38,8 +38,9 @@ class Client:
         await self.write(b"")
 
 
-def pacer(timeout: float, seats: int = 0) -> Pacer:
-    return Pacer(ClientLimits(timeout=timeout, min_rate=None), SlowShare(seats))
+def pacer(timeout: float, seats: int = 0, watch: Watch | None = None) -> Pacer:
+    limits = ClientLimits(timeout=timeout, min_rate=None)
+    return Pacer(limits, SlowShare(seats), watch or Watch())
 
 
 async def write(pacer: Pacer, client: Client, delay: float) -> float:
@@ -95,10 +96,18 @@ async def test_a_paused_holder_without_a_seat_is_cut_after_slow_after() -> None:
     paced.close()
 
 
-async def test_close_cancels_the_pending_timer() -> None:
-    paced, client = pacer(timeout=30.0), Client()
-    await write(paced, client, 0.0)
+async def test_waits_that_end_at_once_arm_no_timer_each() -> None:
+    # A hundred requests' answers written without a wait: at most the Watch's own tick
+    # was scheduled, not a timer per request or per write.
     loop = asyncio.get_running_loop()
-    pending = [h for h in cast(Any, loop)._scheduled if not h.cancelled()]
-    paced.close()
-    assert len([h for h in cast(Any, loop)._scheduled if not h.cancelled()]) == len(pending) - 1
+    scheduled = len(cast(Any, loop)._scheduled)
+    watch = Watch()
+    for _ in range(100):
+        paced, client = pacer(timeout=30.0, watch=watch), Client()
+        paced.holds_upstream = True
+        await write(paced, client, 0.0)
+        await write(paced, client, 0.0)
+        paced.close()
+    assert len(cast(Any, loop)._scheduled) - scheduled <= 1
+    await asyncio.sleep(TICK * 1.5)
+    assert len(cast(Any, loop)._scheduled) == scheduled  # nothing waits: the tick stopped
