@@ -107,7 +107,6 @@ class Pacer:
         self.due = 0.0  # when the Watch is to look at the current wait
         self._deadline = 0.0
         self._content: StreamReader | None = None
-        self._response: web.StreamResponse | None = None
         self._request: web.Request | None = None
         self.holds_upstream = False
         self.seated = False
