@@ -63,7 +63,8 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
     seed_tokens(sim, token_file, expires_in=LIFETIME)
     env = proxy_env(sim, token_file, CLOSEPROXY_LOG_LEVEL="warning")
     sim_port = int(sim.url.rsplit(":", 1)[1])
-    rng = random.Random(os.environ.get("CHAOS_SEED", str(time.time_ns())))
+    seed = os.environ.get("CHAOS_SEED", str(time.time_ns()))  # CHAOS_SEED=... replays a run
+    rng = random.Random(seed)
 
     servers: list[ServeProcess] = list(
         await asyncio.gather(*(asyncio.to_thread(start_serve, env) for _ in range(2)))
@@ -141,6 +142,9 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
                 assert body["closeproxy_error"] == "login_required"
                 assert "closeproxy login" in body["error"]
 
+    def lost_without_cause() -> str:
+        return f"grant lost without a kill in a refresh: {kills} (CHAOS_SEED={seed})"
+
     timeout = aiohttp.ClientTimeout(total=20)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as client:
@@ -166,7 +170,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
                 if grant_died():
                     # The grant died: only a kill inside a refresh may have caused it.
                     deaths += 1
-                    assert in_flight_kills > 0, f"grant lost without a kill in a refresh: {kills}"
+                    assert in_flight_kills > 0, lost_without_cause()
                     await asyncio.sleep(0.5)
                     await all_say_log_in_again(client)
                     async with FileGrantStore(token_file).locked():  # log in again
@@ -179,7 +183,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
             await asyncio.sleep(3 * LIFETIME)
             if grant_died():
                 deaths += 1
-                assert in_flight_kills > 0, f"grant lost without a kill in a refresh: {kills}"
+                assert in_flight_kills > 0, lost_without_cause()
                 await all_say_log_in_again(client)
             else:
                 for server in servers:
@@ -189,7 +193,8 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
         stop.set()
         await asyncio.gather(*(asyncio.to_thread(server.stop) for server in servers))
     summary = (
-        f"kills: {dict(kills)}; grants lost: {deaths}; cli refreshes: {dict(cli_results)}; "
+        f"seed {seed}; kills: {dict(kills)}; grants lost: {deaths}; "
+        f"cli refreshes: {dict(cli_results)}; "
         f"proxy answers: {dict(statuses)}; sim refreshes: {sim.state.refreshes}"
     )
     request.node.user_properties.append(("chaos", summary))
