@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +13,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import FAST_BACKOFF, Proxy, ProxyFactory, ServeProcess, make_settings
+from helpers import (
+    FAST_BACKOFF,
+    UVLOOP_INSTALLED,
+    Proxy,
+    ProxyFactory,
+    ServeProcess,
+    make_settings,
+)
 
 from closeproxy.server import running
 from closeproxy.services import SERVICES
@@ -168,9 +174,6 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
         yield session
-
-
-UVLOOP_INSTALLED = importlib.util.find_spec("uvloop") is not None
 
 
 @pytest.fixture(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from closeproxy.testing import LISTENING, Child, child_env, free_port, start_ser
 __all__ = ["LISTENING", "ServeProcess", "cli_env", "free_port", "start_serve"]
 
 FAST_BACKOFF = (0.05, 0.1)
+# The `fast` extra's event loop, for the tests that run on it too.
+UVLOOP_INSTALLED = importlib.util.find_spec("uvloop") is not None
 
 
 def seed_tokens(

@@ -6,17 +6,15 @@ the figures are not checked, only that each mode runs, finishes and says what it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import UVLOOP_INSTALLED
 
 from closeproxy.testing import child_env
-
-UVLOOP_INSTALLED = importlib.util.find_spec("uvloop") is not None
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import UVLOOP_INSTALLED, run_cli
 
 from closeproxy import loop
 from closeproxy.config import load_settings
 from closeproxy.errors import ConfigError
-
-UVLOOP_INSTALLED = importlib.util.find_spec("uvloop") is not None
 
 
 async def running_loop_name() -> str:
