@@ -5,6 +5,11 @@ The grant must survive every kill except one that lands while the victim has a t
 request in flight (or has just had its reply, which it may not have saved yet): that
 reply is the only copy of the rotated refresh token, so it is lost with the process. When
 that happens every process must say "log in again"; the test then logs in anew and goes on.
+
+Each lost grant is traced exactly: the simulator records which client port asked for each
+rotation, a watcher maps ports to processes and records every refresh token the file held,
+so a spent token sent again is blamed on a kill only if the reply carrying its successor
+went to a process this test killed, and that successor never reached the disk.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import random
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiohttp
@@ -30,8 +36,7 @@ pytestmark = pytest.mark.chaos
 CHAOS_SECONDS = 25.0
 LIFETIME = 2.0
 TOKEN_DELAY = 0.3
-# A reply received this recently may still be on its way to the disk.
-SAVE_WINDOW = 0.5
+WATCH_EVERY = 0.02  # well under TOKEN_DELAY: every token request is seen while in flight
 
 
 def sim_ports(pid: int, sim_port: int) -> set[int]:
@@ -54,6 +59,52 @@ def sim_ports(pid: int, sim_port: int) -> set[int]:
     return ports
 
 
+class Tracer:
+    """Which process asked for each rotation, and which refresh tokens reached the file."""
+
+    def __init__(self, sim: RunningSim, token_file: Path, sim_port: int) -> None:
+        self.state = sim.state
+        self.store = FileGrantStore(token_file)
+        self.sim_port = sim_port
+        self.owner_of_port: dict[int, int] = {}
+        self.asked_by: dict[str, int | None] = {}  # spent token -> pid that got its successor
+        self.on_disk: set[str] = set()
+        self.killed: dict[int, float] = {}  # pid -> monotonic time of its SIGKILL
+        self.causes: list[str] = []  # each grant lost, and the kill that lost it
+
+    def look(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            for port in sim_ports(pid, self.sim_port):
+                self.owner_of_port[port] = pid
+        for spent, rotation in list(self.state.rotations.items()):
+            if spent not in self.asked_by:
+                self.asked_by[spent] = self.owner_of_port.get(rotation.port)
+        with contextlib.suppress(OSError, ValueError):
+            tokens = self.store.read()
+            if tokens is not None and tokens.refresh_token is not None:
+                self.on_disk.add(tokens.refresh_token)
+
+    def blame(self, reused: str) -> str | None:
+        """None when a kill explains why the spent token `reused` was sent again."""
+        rotation = self.state.rotations.get(reused)
+        if rotation is None:
+            return "a refresh token no refresh had spent was reported as sent again"
+        successor = rotation.successor
+        if successor in self.on_disk or successor in self.state.rotations:
+            return "a spent refresh token was sent again although its successor had been saved"
+        pid = self.asked_by.get(reused, self.owner_of_port.get(rotation.port))
+        killed_at = None if pid is None else self.killed.get(pid)
+        if killed_at is None:
+            return f"process {pid} got a rotated refresh token, was not killed, and never saved it"
+        if not rotation.at - TOKEN_DELAY - 1.0 < killed_at < rotation.at + 5.0:
+            return (
+                f"process {pid} was killed {killed_at - rotation.at:+.2f} s from the rotation "
+                "it lost: too long before or after it to be the cause"
+            )
+        self.causes.append(f"kill {killed_at - rotation.at:+.2f} s from the rotation")
+        return None
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc to see sockets")
 async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_flight(
     sim: RunningSim, token_file: Path, request: pytest.FixtureRequest
@@ -70,8 +121,8 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
         await asyncio.gather(*(asyncio.to_thread(start_serve, env) for _ in range(2)))
     )
     cli: list[asyncio.subprocess.Process | None] = [None]
+    tracer = Tracer(sim, token_file, sim_port)
     kills: Counter[str] = Counter()
-    in_flight_kills = 0  # since the last login
     deaths = 0
     cli_results: Counter[str] = Counter()
     statuses: Counter[int] = Counter()
@@ -103,8 +154,17 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
                             problems.append(f"{resp.status}: {await resp.text()}")
             await asyncio.sleep(0.1)
 
+    def live_pids() -> list[int]:
+        process = cli[0]
+        pids = [server.process.pid for server in servers]
+        return pids if process is None or process.returncode is not None else [*pids, process.pid]
+
+    async def watch() -> None:
+        while not stop.is_set():
+            tracer.look(live_pids())
+            await asyncio.sleep(WATCH_EVERY)
+
     async def kill_one() -> None:
-        nonlocal in_flight_kills
         choice = rng.randrange(3)
         if choice == 2:
             process = cli[0]
@@ -113,21 +173,15 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
             pid, kind = process.pid, "refresh"
         else:
             pid, kind = servers[choice].process.pid, "serve"
+        tracer.look(live_pids())
         ports = sim_ports(pid, sim_port)
         hit = bool(ports & set(sim.state.token_requests_in_flight))
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        tracer.killed[pid] = time.monotonic()
         await asyncio.sleep(0.05)  # a request already sent reaches the simulator now
-        now = time.monotonic()
-        hit = (
-            hit
-            or bool(ports & set(sim.state.token_requests_in_flight))
-            or any(
-                p in ports and now - t < SAVE_WINDOW for p, t in sim.state.token_requests_answered
-            )
-        )
+        hit = hit or bool(ports & set(sim.state.token_requests_in_flight))
         kills[f"{kind} {'in a refresh' if hit else 'idle'}"] += 1
-        in_flight_kills += hit
         if choice < 2:
             old = servers[choice]
             await asyncio.to_thread(old.process.wait)
@@ -142,8 +196,11 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
                 assert body["closeproxy_error"] == "login_required"
                 assert "closeproxy login" in body["error"]
 
-    def lost_without_cause() -> str:
-        return f"grant lost without a kill in a refresh: {kills} (CHAOS_SEED={seed})"
+    def lost_without_cause(reused: list[str]) -> str | None:
+        faults = [fault for fault in map(tracer.blame, reused) if fault is not None]
+        if not faults:
+            return None
+        return f"grant lost, no kill to blame: {faults}; kills {dict(kills)} (CHAOS_SEED={seed})"
 
     timeout = aiohttp.ClientTimeout(total=20)
     try:
@@ -151,6 +208,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
             background = [
                 asyncio.create_task(refresh_loop()),
                 asyncio.create_task(traffic(client)),
+                asyncio.create_task(watch()),
             ]
             deadline = time.monotonic() + CHAOS_SECONDS
             seen_reuse = 0
@@ -158,32 +216,35 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
             # may send it once more before it sees the new login; that is the old death.
             dead: set[str] = set()
 
-            def grant_died() -> bool:
+            def newly_reused() -> list[str]:
+                """Spent refresh tokens of the live grant sent again since the last look."""
                 nonlocal seen_reuse
                 reused = sim.state.reused_refresh_tokens[seen_reuse:]
                 seen_reuse += len(reused)
-                return any(token not in dead for token in reused)
+                return [token for token in reused if token not in dead]
 
             while time.monotonic() < deadline:
                 await asyncio.sleep(rng.uniform(0.5, 1.5))
                 await kill_one()
-                if grant_died():
-                    # The grant died: only a kill inside a refresh may have caused it.
+                if reused := newly_reused():
+                    # The grant died: only a kill that lost a rotated token may cause that.
                     deaths += 1
-                    assert in_flight_kills > 0, lost_without_cause()
+                    tracer.look(live_pids())
+                    fault = lost_without_cause(reused)
+                    assert fault is None, fault
                     await asyncio.sleep(0.5)
                     await all_say_log_in_again(client)
                     async with FileGrantStore(token_file).locked():  # log in again
                         dead = set(sim.state.issued_secrets())
                         seed_tokens(sim, token_file, expires_in=LIFETIME)
-                    in_flight_kills = 0
             stop.set()
             await asyncio.gather(*background)
             # Quiet now: the grant has to go on living through several token lifetimes.
             await asyncio.sleep(3 * LIFETIME)
-            if grant_died():
+            if reused := newly_reused():
                 deaths += 1
-                assert in_flight_kills > 0, lost_without_cause()
+                fault = lost_without_cause(reused)
+                assert fault is None, fault
                 await all_say_log_in_again(client)
             else:
                 for server in servers:
@@ -193,7 +254,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
         stop.set()
         await asyncio.gather(*(asyncio.to_thread(server.stop) for server in servers))
     summary = (
-        f"seed {seed}; kills: {dict(kills)}; grants lost: {deaths}; "
+        f"seed {seed}; kills: {dict(kills)}; grants lost: {deaths} {tracer.causes}; "
         f"cli refreshes: {dict(cli_results)}; "
         f"proxy answers: {dict(statuses)}; sim refreshes: {sim.state.refreshes}"
     )

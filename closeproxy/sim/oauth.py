@@ -200,14 +200,14 @@ async def token(request: web.Request) -> web.Response:
     port = int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else 0
     state.token_requests_in_flight.append(port)
     try:
-        return await _token(request, state)
+        return await _token(request, state, port)
     finally:
         state.token_requests_in_flight.remove(port)
         state.token_requests_answered.append((port, time.monotonic()))
         state.trim(state.token_requests_answered)
 
 
-async def _token(request: web.Request, state: SimState) -> web.Response:
+async def _token(request: web.Request, state: SimState, port: int) -> web.Response:
     state.token_requests += 1
     state.log_oauth_headers(request)
     try:
@@ -223,7 +223,7 @@ async def _token(request: web.Request, state: SimState) -> web.Response:
         return refused
     try:
         response = web.json_response(
-            _grant(state, form), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
+            _grant(state, form, port), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
         )
     except OAuthError as exc:
         response = _oauth_error(exc)
@@ -233,7 +233,7 @@ async def _token(request: web.Request, state: SimState) -> web.Response:
     return response
 
 
-def _grant(state: SimState, form: Mapping[str, str]) -> dict[str, object]:
+def _grant(state: SimState, form: Mapping[str, str], port: int) -> dict[str, object]:
     client_id = form.get("client_id")
     if not state.client_ok(client_id, form.get("client_secret")):
         raise OAuthError("invalid_client", "Invalid client credentials.", status=401)
@@ -253,7 +253,7 @@ def _grant(state: SimState, form: Mapping[str, str]) -> dict[str, object]:
         refresh_token = form.get("refresh_token")
         if not refresh_token:
             raise OAuthError("invalid_request", "Missing refresh_token.")
-        return state.refresh(refresh_token)
+        return state.refresh(refresh_token, port=port)
     if grant_type is None:
         raise OAuthError("invalid_request", "Missing grant_type.")
     raise OAuthError("unsupported_grant_type", f"Unsupported grant_type {grant_type!r}.")

@@ -72,6 +72,15 @@ class OAuthError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """One refresh granted: the successor of the refresh token it spent, and who asked."""
+
+    successor: str
+    port: int  # the client's TCP port (0 if unknown)
+    at: float  # monotonic time
+
+
 @dataclass(eq=False)
 class _Family:
     """All tokens descended from one login; killing it kills them all."""
@@ -176,6 +185,9 @@ class SimState:
         self.token_requests_in_flight: list[int] = []
         # (client port, monotonic time) of token requests answered, newest last.
         self.token_requests_answered: list[tuple[int, float]] = []
+        # Each refresh token spent by a refresh -> the rotation that spent it (for chaos
+        # tests: whose reply carried the successor of a token that was sent again).
+        self.rotations: dict[str, Rotation] = {}
         self.revoke_log: list[dict[str, str]] = []
         self.rate.reset()
         # Request headers the token and revoke endpoints received, newest last.
@@ -316,8 +328,10 @@ class SimState:
         self.code_exchanges += 1
         return self._token_reply(grant.family)
 
-    def refresh(self, refresh_token: str) -> dict[str, object]:
-        """Strict rotation: spend the refresh token, return a new pair in the same family."""
+    def refresh(self, refresh_token: str, *, port: int = 0) -> dict[str, object]:
+        """Strict rotation: spend the refresh token, return a new pair in the same family.
+
+        `port`: the asking client's TCP port, kept in `rotations`."""
         record = self._refresh.get(refresh_token)
         if record is None:
             raise OAuthError("invalid_grant", "Invalid refresh token.")
@@ -337,7 +351,13 @@ class SimState:
         self.refreshes += 1
         self.refresh_times.append(time.time())
         self.trim(self.refresh_times)
-        return self._token_reply(record.family)
+        reply = self._token_reply(record.family)
+        successor = str(reply["refresh_token"])
+        self.rotations[refresh_token] = Rotation(successor, port, time.monotonic())
+        limit = self.config.log_limit
+        if limit is not None and len(self.rotations) > limit:
+            del self.rotations[next(iter(self.rotations))]
+        return reply
 
     def revoke(self, token: str) -> None:
         """RFC 7009: unknown tokens are fine; a refresh token takes its whole family along."""
