@@ -19,7 +19,7 @@ from closeproxy.testing import child_env
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 TINY: dict[str, list[str]] = {
-    "stream": ["--size", "2M", "--chunk", "64k", "--first-byte-chunks", "4"],
+    "stream": ["--size", "2M", "--chunk", "64k", "--first-byte-chunks", "4", "--reps", "2"],
     "latency": ["--requests", "60", "--concurrency", "4"],
     "slow": ["--downloads", "3", "--uploads", "3", "--settle", "0.3", "--probes", "2"],
     "ratelimit": ["--requests", "12", "--limit", "40"],
@@ -62,6 +62,7 @@ def test_every_mode_runs_in_a_tiny_configuration() -> None:
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["bench"] == mode
     assert "PASS  streaming acceptance" in outputs["stream"][0]
+    assert "PASS  upload proxy RSS after the last of 2 within 8 MB" in outputs["stream"][0]
     assert "PASS  every ordinary GET answered 200" in outputs["slow"][0]
     (fleet,) = json.loads(outputs["fleet"][0].strip().splitlines()[-1])["results"]
     assert fleet["refreshes"] >= 1 and fleet["max_refreshes_per_expiry"] == 1, fleet

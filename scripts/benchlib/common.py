@@ -55,6 +55,17 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def count_arg(text: str) -> int:
+    """A whole number of at least 1, for argparse."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} is less than 1")
+    return count
+
+
 def chunk_arg(text: str) -> int:
     size = size_arg(text)
     if size > payloads.MAX_CHUNK:
@@ -149,12 +160,14 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(log_level: str) -> Iterator[Rig]:
-    """Start both processes in a private temporary directory; always stop and clean up."""
+def rig(log_level: str, args: Sequence[str] = ()) -> Iterator[Rig]:
+    """Start both processes in a private temporary directory; always stop and clean up.
+
+    `args`: more `closeproxy serve` arguments."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="closeproxy-bench-")))
         sim = start_sim(stack, workdir)
-        proxy = closeproxy_child(sim, workdir, log_level=log_level)
+        proxy = closeproxy_child(sim, workdir, log_level=log_level, args=args)
         stack.callback(proxy.stop, STOP_TIMEOUT)
         proxy.wait_ready()
         say(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from benchlib import load
-from benchlib.common import MB, ME_PATH, BenchError, Sim, say, start_sim
+from benchlib.common import MB, ME_PATH, BenchError, Sim, count_arg, say, start_sim
 from benchlib.peers import NGINX, Variant, find_tool, loop_of, start
 from benchlib.procfs import cpu_seconds
 
@@ -248,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", type=float, default=1.0, help="seconds of c32 load before each measurement"
     )
     parser.add_argument(
-        "--reps", type=int, default=3, help="repetitions, interleaved across targets"
+        "--reps", type=count_arg, default=3, help="repetitions, interleaved across targets"
     )
     parser.add_argument("--connections", type=int, default=32, help="connections of the busy run")
     parser.add_argument(

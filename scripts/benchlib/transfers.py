@@ -61,6 +61,7 @@ class Transfer:
     expected_sha256: str = ""
     baseline_rss: int | None = None
     peak_rss: int | None = None
+    after_rss: int | None = None  # the proxy's RSS once the transfer was over
     rss_samples: int = 0
     error: str = ""
 
@@ -149,6 +150,8 @@ def measured(transfer: Transfer, proxy_pid: int | None) -> Iterator[RssSampler |
             transfer.rss_samples = sampler.samples
             if sampler.gone:
                 transfer.error = transfer.error or "the proxy process went away"
+            else:
+                transfer.after_rss = sampler.rss() or None
     say(transfer.line())
 
 
@@ -174,27 +177,29 @@ async def download(
 
 
 class UploadSource:
-    """A request body produced chunk by chunk from the simulator's pattern; never whole."""
+    """A request body produced chunk by chunk from the simulator's pattern; never whole.
+
+    Not hashed as it is sent: its digest is the download's, computed beforehand, so that
+    the sender spends no CPU the proxy and the receiver compete for on a small machine."""
 
     def __init__(self, size: int, chunk: int, progress: Progress) -> None:
         self._size = size
         self._chunk = chunk
         self._progress = progress
-        self.digest = hashlib.sha256()
         self.sent = 0
 
     async def chunks(self) -> AsyncIterator[memoryview]:
         for piece in pattern_chunks(self._size, self._chunk):
-            self.digest.update(piece)
             self.sent += len(piece)
             self._progress.update(self.sent)
             yield piece
 
 
 async def upload(
-    client: aiohttp.ClientSession, target: Target, *, size: int, chunk: int
+    client: aiohttp.ClientSession, target: Target, *, size: int, chunk: int, expected_sha256: str
 ) -> Transfer:
-    """POST size bytes from a generator (chunked); the simulator reports what it got."""
+    """POST size bytes of the pattern from a generator (chunked); the simulator reports
+    what it got. `expected_sha256`: the pattern's digest (`pattern_sha256(size)`)."""
     label = f"upload {target.name}"
     transfer = Transfer(label, size)
     with measured(transfer, target.proxy_pid) as rss:
@@ -204,7 +209,7 @@ async def upload(
             if reply.status != 200:
                 raise BenchError(f"HTTP {reply.status}: {(await reply.text())[:200]}")
             document = await reply.json()
-        transfer.expected_sha256 = source.digest.hexdigest()
+        transfer.expected_sha256 = expected_sha256
         if source.sent != size:
             raise BenchError(f"the generator produced {source.sent} bytes, not {size}")
         # What the simulator counted and hashed on its side is the figure that matters.
