@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-import time
 import urllib.parse
 from collections.abc import Mapping
 
@@ -203,8 +202,6 @@ async def token(request: web.Request) -> web.Response:
         return await _token(request, state, port)
     finally:
         state.token_requests_in_flight.remove(port)
-        state.token_requests_answered.append((port, time.monotonic()))
-        state.trim(state.token_requests_answered)
 
 
 async def _token(request: web.Request, state: SimState, port: int) -> web.Response:

@@ -183,8 +183,6 @@ class SimState:
         # Client ports of token requests received but not answered yet (for chaos tests:
         # a process killed while one of its ports is here lost a reply).
         self.token_requests_in_flight: list[int] = []
-        # (client port, monotonic time) of token requests answered, newest last.
-        self.token_requests_answered: list[tuple[int, float]] = []
         # Each refresh token spent by a refresh -> the rotation that spent it (for chaos
         # tests: whose reply carried the successor of a token that was sent again).
         self.rotations: dict[str, Rotation] = {}

@@ -15,6 +15,8 @@ from typing import Any, Final
 
 import aiohttp
 
+from closeproxy.errors import ConfigError
+from closeproxy.parsing import Count, Origin
 from closeproxy.sim import SimConfig, payloads
 from closeproxy.testing import (
     SIM_LISTENING,
@@ -56,14 +58,11 @@ def size_arg(text: str) -> int:
 
 
 def count_arg(text: str) -> int:
-    """A whole number of at least 1, for argparse."""
+    """closeproxy's Count (a whole number, 1 or more) for argparse: its message."""
     try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{count} is less than 1")
-    return count
+        return Count(high=1_000_000).parse(text, Origin("flag", "count"))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("count: ")) from None
 
 
 def chunk_arg(text: str) -> int:

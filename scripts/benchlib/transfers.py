@@ -201,7 +201,7 @@ async def upload(
     """POST size bytes of the pattern from a generator (chunked); the simulator reports
     what it got. `expected_sha256`: the pattern's digest (`pattern_sha256(size)`)."""
     label = f"upload {target.name}"
-    transfer = Transfer(label, size)
+    transfer = Transfer(label, size, expected_sha256=expected_sha256)
     with measured(transfer, target.proxy_pid) as rss:
         source = UploadSource(size, chunk, Progress(label, size, rss))
         url = target.base + UPLOAD_PATH
@@ -209,7 +209,6 @@ async def upload(
             if reply.status != 200:
                 raise BenchError(f"HTTP {reply.status}: {(await reply.text())[:200]}")
             document = await reply.json()
-        transfer.expected_sha256 = expected_sha256
         if source.sent != size:
             raise BenchError(f"the generator produced {source.sent} bytes, not {size}")
         # What the simulator counted and hashed on its side is the figure that matters.
