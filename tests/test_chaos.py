@@ -7,7 +7,8 @@ reply is the only copy of the rotated refresh token, so it is lost with the proc
 that happens every process must say "log in again"; the test then logs in anew and goes on.
 
 Each lost grant is traced exactly: the simulator records which client port asked for each
-rotation, a watcher maps ports to processes and records every refresh token the file held,
+rotation, and the test names the process holding that port while the request is still
+open; a watcher records every refresh token the file held,
 so a spent token sent again is blamed on a kill only if the reply carrying its successor
 went to a process this test killed, and that successor never reached the disk.
 """
@@ -30,6 +31,7 @@ from helpers import ServeProcess, proxy_env, seed_tokens, start_refresh, start_s
 
 from closeproxy.file_store import FileGrantStore
 from closeproxy.sim import RunningSim
+from closeproxy.sim.state import Rotation
 
 pytestmark = pytest.mark.chaos
 
@@ -39,8 +41,8 @@ TOKEN_DELAY = 0.3
 WATCH_EVERY = 0.02  # well under TOKEN_DELAY: every token request is seen while in flight
 
 
-def sim_ports(pid: int, sim_port: int) -> set[int]:
-    """Local ports of the process's TCP connections to the simulator (from /proc)."""
+def socket_inodes(pid: int | str) -> set[str]:
+    """Inodes of the process's open sockets (from /proc); empty once it is gone."""
     inodes: set[str] = set()
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -48,15 +50,41 @@ def sim_ports(pid: int, sim_port: int) -> set[int]:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith("socket:["):
                     inodes.add(target[8:-1])
-    ports: set[int] = set()
+    return inodes
+
+
+def tcp_connections() -> Iterable[tuple[int, int, str]]:
+    """(local port, remote port, inode) of every TCP socket on the machine."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as fh:
             for line in fh.readlines()[1:]:
                 fields = line.split()
                 local, remote, inode = fields[1], fields[2], fields[9]
-                if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == sim_port:
-                    ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
+                yield int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), inode
+
+
+def owner_of(port: int, sim_port: int) -> int | None:
+    """The process holding the connection from local `port` to the simulator, if any."""
+    found = {
+        inode for local, remote, inode in tcp_connections() if (local, remote) == (port, sim_port)
+    }
+    found.discard("0")
+    if not found:
+        return None
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(os.getpid()) and socket_inodes(entry) & found:
+            return int(entry)
+    return None
+
+
+def sim_ports(pid: int, sim_port: int) -> set[int]:
+    """Local ports of the process's TCP connections to the simulator (from /proc)."""
+    inodes = socket_inodes(pid)
+    return {
+        local
+        for local, remote, inode in tcp_connections()
+        if remote == sim_port and inode in inodes
+    }
 
 
 class Tracer:
@@ -70,15 +98,37 @@ class Tracer:
         self.asked_by: dict[str, int | None] = {}  # spent token -> pid that got its successor
         self.on_disk: set[str] = set()
         self.killed: dict[int, float] = {}  # pid -> monotonic time of its SIGKILL
+        # Spent tokens whose asker no longer held its socket when the simulator rotated.
+        self.hung_up: set[str] = set()
         self.causes: list[str] = []  # each grant lost, and the kill that lost it
+
+    def install(self) -> None:
+        """Name the asker of each rotation while its request is still open.
+
+        The simulator rotates inside the request's handler, before it answers, so the
+        asking socket still exists: any process holding it is found, even one the test
+        is not tracking yet (a `serve` just restarted, refreshing while it starts)."""
+        state = self.state
+        rotate = state.refresh
+
+        def refresh(refresh_token: str, *, port: int = 0) -> dict[str, object]:
+            reply = rotate(refresh_token, port=port)
+            if (pid := owner_of(port, self.sim_port)) is not None:
+                self.owner_of_port[port] = pid
+                self.asked_by[refresh_token] = pid
+            else:
+                self.hung_up.add(refresh_token)
+            return reply
+
+        state.refresh = refresh  # type: ignore[method-assign]
 
     def look(self, pids: Iterable[int]) -> None:
         for pid in pids:
             for port in sim_ports(pid, self.sim_port):
                 self.owner_of_port[port] = pid
         for spent, rotation in list(self.state.rotations.items()):
-            if spent not in self.asked_by:
-                self.asked_by[spent] = self.owner_of_port.get(rotation.port)
+            if spent not in self.asked_by and rotation.port in self.owner_of_port:
+                self.asked_by[spent] = self.owner_of_port[rotation.port]
         with contextlib.suppress(OSError, ValueError):
             tokens = self.store.read()
             if tokens is not None and tokens.refresh_token is not None:
@@ -93,6 +143,8 @@ class Tracer:
         if successor in self.on_disk or successor in self.state.rotations:
             return "a spent refresh token was sent again although its successor had been saved"
         pid = self.asked_by.get(reused, self.owner_of_port.get(rotation.port))
+        if pid is None and reused in self.hung_up:
+            return self.blame_unseen(rotation)
         killed_at = None if pid is None else self.killed.get(pid)
         if killed_at is None:
             return f"process {pid} got a rotated refresh token, was not killed, and never saved it"
@@ -102,6 +154,22 @@ class Tracer:
                 "it lost: too long before or after it to be the cause"
             )
         self.causes.append(f"kill {killed_at - rotation.at:+.2f} s from the rotation")
+        return None
+
+    def blame_unseen(self, rotation: Rotation) -> str | None:
+        """The asker sent its request and was gone before anyone saw its socket.
+
+        A process killed just after sending is that: its request still arrives, is
+        rotated, and the reply has nobody to go to. A kill must have come in the time
+        such a request spends in the simulator, or just before it."""
+        near = [
+            at - rotation.at
+            for at in self.killed.values()
+            if 0 < rotation.at - at < TOKEN_DELAY + 1.0
+        ]
+        if not near:
+            return "the asker of a rotation hung up before its reply, and no kill came just before"
+        self.causes.append(f"kill {max(near):+.2f} s from the rotation (asker gone unseen)")
         return None
 
 
@@ -122,6 +190,7 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
     )
     cli: list[asyncio.subprocess.Process | None] = [None]
     tracer = Tracer(sim, token_file, sim_port)
+    tracer.install()
     kills: Counter[str] = Counter()
     deaths = 0
     cli_results: Counter[str] = Counter()
@@ -203,9 +272,10 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
         return f"grant lost, no kill to blame: {faults}; kills {dict(kills)} (CHAOS_SEED={seed})"
 
     timeout = aiohttp.ClientTimeout(total=20)
+    background: list[asyncio.Task[None]] = []
     try:
         async with aiohttp.ClientSession(timeout=timeout) as client:
-            background = [
+            background += [
                 asyncio.create_task(refresh_loop()),
                 asyncio.create_task(traffic(client)),
                 asyncio.create_task(watch()),
@@ -251,7 +321,13 @@ async def test_random_kills_never_lose_the_grant_unless_they_hit_a_refresh_in_fl
                     async with client.get(f"{server.url}/api/v1/me/") as resp:
                         assert resp.status == 200, await resp.text()
     finally:
+        # Also after a failed assertion: a refresh process left running would be collected
+        # after this loop is closed and fail whichever test runs next on this worker.
         stop.set()
+        if (process := cli[0]) is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await asyncio.gather(*background, return_exceptions=True)
         await asyncio.gather(*(asyncio.to_thread(server.stop) for server in servers))
     summary = (
         f"seed {seed}; kills: {dict(kills)}; grants lost: {deaths} {tracer.causes}; "

@@ -126,7 +126,8 @@ async def test_separator_and_whole_second_resets():
         _, headers, _ = await call(session, sim, token, "GET", "/api/v1/me/")
         reset = parsed(headers["RateLimit"])["reset"]
         assert "." in reset
-        assert 0 < float(reset) < 2.5
+        # At most the window: exactly 2.5 when a slow machine let the first window run out.
+        assert 0 < float(reset) <= 2.5
 
 
 async def test_retry_after_can_be_left_out_and_ratelimit_can_be_malformed():
