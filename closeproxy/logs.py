@@ -85,9 +85,22 @@ def redact(text: str) -> str:
     return _SHAPES.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
 
 
+# This process's id in hex, the prefix of its request ids: os.getpid() is a system call,
+# too dear for every line. A forked child works out its own.
+_pid_hex = f"{os.getpid():x}"
+
+
+def _after_fork() -> None:
+    global _pid_hex
+    _pid_hex = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def request_id_text(number: int) -> str:
     """A request id as logs show it: unique across the processes sharing a log."""
-    return f"{os.getpid():x}-{number}"
+    return f"{_pid_hex}-{number}"
 
 
 def add_request_id(record: logging.LogRecord) -> bool:

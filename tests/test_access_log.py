@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,13 @@ import aiohttp
 import pytest
 from helpers import Proxy, ProxyFactory, seed_tokens
 
-from closeproxy.logs import JsonFormatter, TextFormatter, setup_logging, stop_logging
+from closeproxy.logs import (
+    JsonFormatter,
+    TextFormatter,
+    request_id_text,
+    setup_logging,
+    stop_logging,
+)
 from closeproxy.sim import RunningSim
 
 TEXT_LINE = re.compile(
@@ -104,3 +111,19 @@ async def test_with_another_handler_the_access_line_is_an_ordinary_record(
     text = TextFormatter().format(records[1])
     assert '"GET /api/v1/me/?token=[secure]" 200' in text
     assert json.loads(JsonFormatter().format(records[1]))["path"] == "/api/v1/me/?token=[secure]"
+
+
+def test_request_ids_name_the_process_that_made_them_even_after_a_fork() -> None:
+    # The pid is remembered, not asked for each line: a forked child must not reuse its
+    # parent's, or two processes sharing a log would write the same ids.
+    assert request_id_text(7) == f"{os.getpid():x}-7"
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write, request_id_text(7).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(child, 0)
+    assert said == f"{child:x}-7"
