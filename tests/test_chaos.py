@@ -95,7 +95,7 @@ class Tracer:
         self.store = FileGrantStore(token_file)
         self.sim_port = sim_port
         self.owner_of_port: dict[int, int] = {}
-        self.asked_by: dict[str, int | None] = {}  # spent token -> pid that got its successor
+        self.asked_by: dict[str, int] = {}  # spent token -> pid that got its successor
         self.on_disk: set[str] = set()
         self.killed: dict[int, float] = {}  # pid -> monotonic time of its SIGKILL
         # Spent tokens whose asker no longer held its socket when the simulator rotated.
