@@ -1,6 +1,7 @@
 """Benchmark closeproxy against the bundled simulator; prints figures, never a test.
 
-    python scripts/bench.py {stream,latency,slow,ratelimit,metrics-cost,compare} [--help]
+    python scripts/bench.py MODE [--help]   (stream, latency, slow, ratelimit, metrics-cost,
+                                           compare, fleet, instructions)
 
 The modes live in scripts/benchlib/ (one module each; see its docstring); the process
 and token-file helpers they share with the tests are closeproxy.testing.

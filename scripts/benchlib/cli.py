@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Final, Protocol
 
-from benchlib import compare, fleet, latency, metrics_cost, ratelimit, slow, stream
+from benchlib import compare, fleet, instructions, latency, metrics_cost, ratelimit, slow, stream
 from benchlib.common import FAILURES
 
 
@@ -29,6 +29,7 @@ MODES: Final[dict[str, Mode]] = {
     "metrics-cost": metrics_cost,
     "compare": compare,
     "fleet": fleet,
+    "instructions": instructions,
 }
 
 
