@@ -134,6 +134,10 @@ class Front:
     def _tag(self, request: web.Request) -> None:
         if REQUEST_ID not in request:
             request[REQUEST_ID] = next(self._ids)
+            # Set before the guard names a key, so that every reader finds them: a key
+            # missing from a request costs a KeyError raised and caught at each lookup.
+            request[KEY_NAME] = None
+            request[WAITED] = 0.0
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         self._tag(request)

@@ -32,7 +32,7 @@ REQUEST_ID = web.RequestKey("request_id", int)
 # The id of the request being handled; tasks started meanwhile (a refresh) inherit it.
 CURRENT_REQUEST_ID: ContextVar[int | None] = ContextVar("closeproxy_request_id", default=None)
 # The name of the key a request presented ("proxy", a [keys.NAME] name, "run"): never the key.
-KEY_NAME = web.RequestKey("key_name", str)
+KEY_NAME: web.RequestKey[str | None] = web.RequestKey("key_name")
 ACCESS_LOGGER = "closeproxy.access"
 _ROOT = logging.getLogger()
 _CLOSEPROXY = logging.getLogger("closeproxy")

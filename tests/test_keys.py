@@ -229,18 +229,22 @@ async def test_the_access_log_names_the_key_never_the_key_itself(
             await send(port, "POST", "/api/v1/lead/", basic(REPORTS_KEY))
             await send(port, "GET", "/api/v1/me/", f"Bearer {PROXY_KEY}")
             await send(port, "GET", "/api/v1/me/")
+            # Checked before the 100 Continue too (the expect handler, ahead of any
+            # middleware): the request still carries its key's name to the log.
+            await send(port, "POST", "/api/v1/lead/", f"Bearer {PROXY_KEY}", "Expect: 100-continue")
     records = [r for r in caplog.records if r.name == "closeproxy.access"]
     assert [(r.getMessage().split('"')[1], r.key) for r in records] == [  # type: ignore[attr-defined]
         ("GET /api/v1/lead/", "reports"),
         ("POST /api/v1/lead/", "reports"),
         ("GET /api/v1/me/", "proxy"),
         ("GET /api/v1/me/", None),
+        ("POST /api/v1/lead/", "proxy"),
     ]
     text = [TextFormatter().format(r) for r in records]
     # The text formatter puts the request id last: `... key=NAME rid=ID`.
     assert " key=reports rid=" in text[0] and " key=- rid=" in text[3]
     docs = [json.loads(JsonFormatter().format(r)) for r in records]
-    assert [d.get("key") for d in docs] == ["reports", "reports", "proxy", None]
+    assert [d.get("key") for d in docs] == ["reports", "reports", "proxy", None, "proxy"]
     assert all(REPORTS_KEY not in line and PROXY_KEY not in line for line in text)
 
 
