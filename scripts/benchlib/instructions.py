@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import aiohttp
-
-from benchlib.common import ME_PATH, BenchError, Sim, count_arg, say, start_sim
+from benchlib.common import BenchError, Sim, count_arg, say, session, start_sim
+from benchlib.common import Target as Endpoint
+from benchlib.latency import hammer
 from benchlib.stripped import PARTS
 from closeproxy.sim import SimConfig
 from closeproxy.testing import Child, child_env, free_port, proxy_env
@@ -90,22 +90,13 @@ def argv_of(target: Target, sim: Sim, port: int, loop: str) -> list[str]:
     return [*launcher, "serve", "--event-loop", loop, "--port", str(port), *target.args]
 
 
-async def get_many(url: str, count: int, concurrency: int) -> int:
-    """GET `url` `count` times, `concurrency` at once; the number of 200s."""
-    ok = 0
-    left = iter(range(count))
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    async with aiohttp.ClientSession(timeout=timeout) as client:
-
-        async def worker() -> None:
-            nonlocal ok
-            for _ in left:
-                async with client.get(url) as reply:
-                    await reply.read()
-                    ok += reply.status == 200
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return ok
+async def get_many(base: str, count: int, concurrency: int) -> int:
+    """GET /api/v1/me/ `count` times, `concurrency` at once (latency's hammer); the 200s."""
+    async with session() as client:
+        done = await hammer(
+            client, Endpoint("target", base, {}, None), requests=count, concurrency=concurrency
+        )
+    return len(done.latencies)
 
 
 def callgrind_control(*args: str) -> None:
@@ -136,7 +127,7 @@ def measure(
     )
     try:
         child.wait_ready(timeout=START_TIMEOUT)
-        url = f"http://127.0.0.1:{port}{ME_PATH}"
+        url = f"http://127.0.0.1:{port}"
         asyncio.run(get_many(url, WARMUP, args.concurrency))
         pid = str(child.process.pid)
         callgrind_control("--zero", pid)
