@@ -117,8 +117,11 @@ def closeproxy_child(
     log_level: str = "info",
     args: Sequence[str] = (),
     port: int = 0,
+    serve: Sequence[str] | None = None,
 ) -> Child:
-    """Spawn `closeproxy serve ARGS` logged in to `sim` (not yet waited for)."""
+    """Spawn `closeproxy serve ARGS` logged in to `sim` (not yet waited for).
+
+    `serve`: the command that stands for `closeproxy serve` (default serve_argv())."""
     config = SimConfig()
     env = proxy_env(
         sim.url,
@@ -127,7 +130,7 @@ def closeproxy_child(
         client_secret=config.client_secret,
         CLOSEPROXY_LOG_LEVEL=log_level,
     )
-    command = [*serve_argv(), "--port", str(port), *args]
+    command = [*(serve_argv() if serve is None else serve), "--port", str(port), *args]
     return Child.spawn(command, child_env(env), name=name, log_dir=workdir)
 
 

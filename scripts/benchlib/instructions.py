@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from benchlib.common import BenchError, Sim, count_arg, say, session, start_sim
+from benchlib.common import BenchError, Sim, closeproxy_child, count_arg, say, session, start_sim
 from benchlib.common import Target as Endpoint
 from benchlib.latency import hammer
+from benchlib.peers import SCRIPTS, bare_argv
 from benchlib.stripped import PARTS
-from closeproxy.sim import SimConfig
-from closeproxy.testing import Child, child_env, free_port, proxy_env
+from closeproxy.testing import Child, child_env, free_port
 
-SCRIPTS: Final = Path(__file__).resolve().parent.parent
 # Python under callgrind runs some 50 times slower: starting closeproxy takes ~20 s.
 START_TIMEOUT: Final = 240.0
 WARMUP: Final = 100
@@ -81,13 +80,23 @@ def targets(parts: list[str]) -> list[Target]:
     return chosen
 
 
-def argv_of(target: Target, sim: Sim, port: int, loop: str) -> list[str]:
+def spawn(
+    target: Target, sim: Sim, workdir: Path, port: int, args: argparse.Namespace, out: str
+) -> Child:
+    """The target under callgrind, its counts dumped to workdir/OUT.PID.N."""
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir / out}.%p"]
     if target.kind == "bare":
-        argv = [sys.executable, str(SCRIPTS / "bare_forwarder.py"), sim.url]
-        argv += [f"Authorization: Bearer {sim.access_token}", "--port", str(port)]
-        return argv + (["--uvloop"] if loop == "uvloop" else [])
+        argv = bare_argv(sim, port, uvloop=args.loop == "uvloop")
+        return Child.spawn([*valgrind, *argv], child_env({}), name=target.name, log_dir=workdir)
     launcher = [sys.executable, str(SCRIPTS / "benchlib" / "stripped.py"), ",".join(target.parts)]
-    return [*launcher, "serve", "--event-loop", loop, "--port", str(port), *target.args]
+    return closeproxy_child(
+        sim,
+        workdir,
+        name=target.name,
+        args=("--event-loop", args.loop, *target.args),
+        port=port,
+        serve=[*valgrind, *launcher, "serve"],
+    )
 
 
 async def get_many(base: str, count: int, concurrency: int) -> int:
@@ -105,26 +114,11 @@ def callgrind_control(*args: str) -> None:
         raise BenchError(f"callgrind_control {' '.join(args)} failed: {done.stderr or done.stdout}")
 
 
-def measure(
-    target: Target, sim: Sim, workdir: Path, args: argparse.Namespace, config: SimConfig
-) -> float:
+def measure(target: Target, sim: Sim, workdir: Path, args: argparse.Namespace) -> float:
     """Instructions per request of one target, from spawn under callgrind to its stop."""
     port = free_port()
-    out = workdir / f"callgrind.{target.name.replace(' ', '-')}"
-    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
-    env = proxy_env(
-        sim.url,
-        sim.token_file,
-        client_id=config.client_id,
-        client_secret=config.client_secret,
-        CLOSEPROXY_LOG_LEVEL="info",
-    )
-    child = Child.spawn(
-        [*valgrind, *argv_of(target, sim, port, args.loop)],
-        child_env(env),
-        name=target.name,
-        log_dir=workdir,
-    )
+    out_name = f"callgrind.{target.name.replace(' ', '-')}"
+    child = spawn(target, sim, workdir, port, args, out_name)
     try:
         child.wait_ready(timeout=START_TIMEOUT)
         url = f"http://127.0.0.1:{port}"
@@ -136,7 +130,7 @@ def measure(
         if ok != args.requests:
             raise BenchError(f"{target.name}: {args.requests - ok} requests did not get a 200")
         deadline = time.monotonic() + 30
-        while not (dumps := sorted(workdir.glob(f"{out.name}.{pid}.*"))):
+        while not (dumps := sorted(workdir.glob(f"{out_name}.{pid}.*"))):
             if time.monotonic() > deadline:
                 raise BenchError(f"{target.name}: callgrind wrote no dump")
             time.sleep(0.2)
@@ -172,13 +166,12 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="closeproxy-bench-")))
         sim = start_sim(stack, workdir)
-        config = SimConfig()
         say(
             f"instructions per proxied GET under callgrind: {args.requests} requests, "
             f"{args.concurrency} at once, {args.loop} loop ({len(chosen)} targets, ~30 s each)"
         )
         for target in chosen:
-            figures[target.name] = measure(target, sim, workdir, args, config)
+            figures[target.name] = measure(target, sim, workdir, args)
             say(f"  measured {target.name}: {figures[target.name]:,.0f}")
     say()
     say(f"{'target':<22} {'instr/req':>10} {'vs bare':>8} {'saved':>9}  what")

@@ -110,6 +110,13 @@ def start(
     return running
 
 
+def bare_argv(sim: Sim, port: int, *, uvloop: bool) -> list[str]:
+    """scripts/bare_forwarder.py in front of `sim`, adding its bearer token."""
+    argv = [sys.executable, str(SCRIPTS / "bare_forwarder.py"), sim.url]
+    argv += [f"Authorization: Bearer {sim.access_token}", "--port", str(port)]
+    return argv + (["--uvloop"] if uvloop else [])
+
+
 def spawn(
     variant: Variant, sim: Sim, workdir: Path, *, port: int, bearer: str, tools: dict[str, str]
 ) -> Child:
@@ -117,9 +124,7 @@ def spawn(
     if variant.kind == "closeproxy":
         return closeproxy_child(sim, workdir, name=name, args=variant.serve_args(), port=port)
     if variant.kind == "bare":
-        argv = [sys.executable, str(SCRIPTS / "bare_forwarder.py"), sim.url]
-        argv += [f"Authorization: {bearer}", "--port", str(port)]
-        argv += ["--uvloop"] if variant.uvloop else []
+        argv = bare_argv(sim, port, uvloop=variant.uvloop)
         return Child.spawn(argv, child_env({}), name=name, log_dir=workdir)
     if variant.kind == "nginx":
         prefix = workdir / name
